@@ -1,0 +1,117 @@
+"""``set_guidance``: attach a guidance to a diffusers pipeline, and detach it exactly.
+
+Attaching swaps the pipeline instance's class for a cached subclass of the same name whose
+``__call__`` validates the call, swaps the denoiser's ``forward`` for a
+:class:`~guidekit.bridge.proxy.GuidedDenoiser` for the duration of the call only, and records
+``pipe.guidance_stats``. The denoiser module itself is never replaced, so ``pipe.config``,
+``save_pretrained``, CPU offload hooks, attention processors and ``torch.compile`` wrappers are
+untouched. ``set_guidance(pipe, None)`` restores the original class and removes every attribute
+guidekit added.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+from diffusers import DiffusionPipeline
+
+from guidekit.bridge.families import Family, family_of
+from guidekit.bridge.proxy import GuidanceStats, GuidedDenoiser
+from guidekit.bridge.schedulers import check_scheduler
+from guidekit.guidance.base import Guidance
+from guidekit.guidance.spec import parse_guidance
+
+_GUIDED_CLASSES: dict[type, type] = {}
+_ATTRIBUTES = ("_guidekit_guidance", "guidance_stats")
+
+
+def _guided_class(cls: type) -> type:
+    if cls not in _GUIDED_CLASSES:
+        original_call = cls.__call__
+
+        @functools.wraps(original_call)
+        def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return _guided_call(self, original_call, args, kwargs)
+
+        _GUIDED_CLASSES[cls] = type(cls.__name__, (cls,), {
+            "__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__, "_guidekit_guided": True, "_guidekit_original": cls,
+        })
+    return _GUIDED_CLASSES[cls]
+
+
+def set_guidance(pipe: DiffusionPipeline, guidance: Guidance | str | None) -> DiffusionPipeline:
+    """Attach ``guidance`` (an object or its text form) to ``pipe``, or detach with ``None``.
+
+    Returns ``pipe``. Raises ``ValueError`` for pipelines outside the supported families.
+    """
+    if guidance is None:
+        original = getattr(type(pipe), "_guidekit_original", None)
+        if original is not None:
+            pipe.__class__ = original
+        for name in _ATTRIBUTES:
+            pipe.__dict__.pop(name, None)
+        return pipe
+    if isinstance(guidance, str):
+        guidance = parse_guidance(guidance)
+    if not isinstance(guidance, Guidance):
+        raise TypeError(f"guidance={guidance!r} is not accepted; expected a guidekit guidance, its text form "
+                        "or None")
+    family_of(pipe)
+    if not getattr(type(pipe), "_guidekit_guided", False):
+        pipe.__class__ = _guided_class(type(pipe))
+    pipe.__dict__["_guidekit_guidance"] = guidance
+    pipe.__dict__["guidance_stats"] = None
+    return pipe
+
+
+def _check_call(pipe: DiffusionPipeline, family: Family, guidance: Guidance,
+                arguments: dict[str, Any]) -> bool:
+    """Validate a guided call; return whether the pipeline will batch unconditional rows."""
+    check_scheduler(pipe.scheduler)
+    scale = arguments.get(family.scale_arg)
+    batched = scale is not None and scale > 1
+    if guidance.uses_unconditional and not batched:
+        raise ValueError(f"{family.scale_arg}={scale!r} is not accepted while guidance {guidance!r} is set: the "
+                         f"pipeline computes unconditional predictions only when {family.scale_arg} > 1 "
+                         "(its value is otherwise ignored under set_guidance)")
+    rescale = arguments.get("guidance_rescale") or 0.0
+    if rescale > 0:
+        raise ValueError(f"guidance_rescale={rescale!r} is not accepted while a guidance is set; expected 0 "
+                         "(use CFG(scale, rescale=phi) instead)")
+    for name in family.unsupported_args:
+        if arguments.get(name):
+            raise ValueError(f"{name}={arguments[name]!r} is not supported together with set_guidance; "
+                             "expected None")
+    return batched
+
+
+def _guided_call(pipe: DiffusionPipeline, original_call: Any, args: tuple, kwargs: dict) -> Any:
+    guidance: Guidance = pipe.__dict__["_guidekit_guidance"]
+    family = family_of(pipe)
+    bound = inspect.signature(original_call).bind(pipe, *args, **kwargs)
+    bound.apply_defaults()
+    batched = _check_call(pipe, family, guidance, bound.arguments)
+    denoiser = getattr(pipe, family.denoiser)
+    had_forward = "forward" in denoiser.__dict__
+    saved_forward = denoiser.__dict__.get("forward")
+    proxy = GuidedDenoiser(denoiser.forward, guidance, family, pipe.scheduler, batched)
+    denoiser.forward = proxy
+    try:
+        return original_call(pipe, *args, **kwargs)
+    finally:
+        if had_forward:
+            denoiser.forward = saved_forward
+        else:
+            del denoiser.forward
+        pipe.__dict__["guidance_stats"] = proxy.stats
+
+
+def install_pipeline_method() -> None:
+    """Give every ``DiffusionPipeline`` a ``set_guidance`` method (done on ``import guidekit``)."""
+    DiffusionPipeline.set_guidance = set_guidance  # type: ignore[attr-defined]
+
+
+__all__ = ["GuidanceStats", "install_pipeline_method", "set_guidance"]

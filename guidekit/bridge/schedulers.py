@@ -1,0 +1,146 @@
+"""Where a diffusers scheduler stands at each denoiser call: noise level, solver step, output space.
+
+The traps (REFERENCE section 2) and how they are handled:
+
+* Heun-type schedulers make two calls per step with duplicated timesteps; ``state_in_first_order``
+  tells the predictor from the corrector, and the call's sigma is the one ``scale_model_input``
+  divided by (KDPM2 reads it from ``sigmas_interpol``, its ancestral variant one entry earlier).
+* Multistep schedulers and flow pipelines initialise ``step_index`` only in ``step()``; before the
+  first step of a loop the index is ``begin_index`` (img2img) or 0, because ``set_timesteps``
+  resets it.
+* DDIM, DDPM and PNDM keep no sigmas: the call's level is ``alphas_cumprod[t]`` at the integer
+  timestep the model receives.
+* Flow schedulers (``FlowMatch*``, or DPM-Solver with ``use_flow_sigmas``) store flow time ``t`` in
+  ``sigmas``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import diffusers
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from guidekit.parameterization import NoiseLevel
+
+#: Scheduler class name -> how the call's noise level is read.
+_SIGMA_TABLE = "sigmas"
+_ALPHAS_CUMPROD = "alphas_cumprod"
+SUPPORTED_SCHEDULERS: dict[str, str] = {
+    "DDIMScheduler": _ALPHAS_CUMPROD,
+    "DDPMScheduler": _ALPHAS_CUMPROD,
+    "PNDMScheduler": _ALPHAS_CUMPROD,
+    "EulerDiscreteScheduler": _SIGMA_TABLE,
+    "EulerAncestralDiscreteScheduler": _SIGMA_TABLE,
+    "HeunDiscreteScheduler": _SIGMA_TABLE,
+    "KDPM2DiscreteScheduler": _SIGMA_TABLE,
+    "KDPM2AncestralDiscreteScheduler": _SIGMA_TABLE,
+    "LMSDiscreteScheduler": _SIGMA_TABLE,
+    "DPMSolverMultistepScheduler": _SIGMA_TABLE,
+    "DPMSolverSinglestepScheduler": _SIGMA_TABLE,
+    "UniPCMultistepScheduler": _SIGMA_TABLE,
+    "DEISMultistepScheduler": _SIGMA_TABLE,
+    "FlowMatchEulerDiscreteScheduler": _SIGMA_TABLE,
+}
+
+_PREDICTION_SPACES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
+
+
+@dataclass(frozen=True)
+class SchedulerCall:
+    """The scheduler's state at one denoiser call."""
+
+    level: NoiseLevel
+    corrector: bool
+    tau: float
+    num_steps: int
+
+
+def _is_flow(scheduler: SchedulerMixin) -> bool:
+    return type(scheduler).__name__.startswith("FlowMatch") or bool(scheduler.config.get("use_flow_sigmas"))
+
+
+def model_space(scheduler: SchedulerMixin) -> str:
+    """The prediction space the scheduler expects from the model."""
+    if type(scheduler).__name__.startswith("FlowMatch"):
+        return "flow"
+    prediction = scheduler.config.get("prediction_type", "epsilon")
+    if prediction not in _PREDICTION_SPACES:
+        raise ValueError(f"scheduler prediction_type={prediction!r} is not supported; "
+                         f"accepted: {', '.join(_PREDICTION_SPACES)}")
+    return _PREDICTION_SPACES[prediction]
+
+
+def check_scheduler(scheduler: SchedulerMixin) -> None:
+    """Raise a ``ValueError`` naming the supported schedulers if ``scheduler`` is not one of them."""
+    name = type(scheduler).__name__
+    if name not in SUPPORTED_SCHEDULERS:
+        raise ValueError(f"scheduler={name} is not supported by set_guidance; supported: "
+                         f"{', '.join(SUPPORTED_SCHEDULERS)}")
+    model_space(scheduler)
+
+
+def _num_steps(scheduler: SchedulerMixin) -> int:
+    n = getattr(scheduler, "num_inference_steps", None)
+    return int(n) if n else len(scheduler.timesteps)
+
+
+def _step_index(scheduler: SchedulerMixin) -> int:
+    if scheduler.step_index is not None:
+        return int(scheduler.step_index)
+    begin = getattr(scheduler, "begin_index", None)
+    return 0 if begin is None else int(begin)
+
+
+def scheduler_call(scheduler: SchedulerMixin, timestep: torch.Tensor | float) -> SchedulerCall:
+    """Read the noise level of the denoiser call being made now at ``timestep``.
+
+    ``timestep`` is the value the pipeline hands the denoiser, in the scheduler's units (only read
+    for schedulers without a sigma table).
+    """
+    name = type(scheduler).__name__
+    num_train = float(scheduler.config.num_train_timesteps)
+    if SUPPORTED_SCHEDULERS[name] == _ALPHAS_CUMPROD:
+        t = int(torch.as_tensor(timestep).flatten()[0].item())
+        level = NoiseLevel.from_alphas_cumprod(float(scheduler.alphas_cumprod[t]))
+        return SchedulerCall(level, False, t / num_train, _num_steps(scheduler))
+    idx = _step_index(scheduler)
+    corrector = not getattr(scheduler, "state_in_first_order", True)
+    if corrector and hasattr(scheduler, "sigmas_interpol"):
+        offset = 1 if name == "KDPM2AncestralDiscreteScheduler" else 0
+        sigma = float(scheduler.sigmas_interpol[idx - offset])
+    else:
+        sigma = float(scheduler.sigmas[idx])
+    level = NoiseLevel.from_flow_time(sigma) if _is_flow(scheduler) else NoiseLevel.from_sigma(sigma)
+    tau = float(scheduler.timesteps[min(idx, len(scheduler.timesteps) - 1)]) / num_train
+    return SchedulerCall(level, corrector, tau, _num_steps(scheduler))
+
+
+#: Short scheduler names (for the command line) -> (diffusers class name, config overrides).
+SCHEDULER_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "kdpm2": ("KDPM2DiscreteScheduler", {}),
+    "kdpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2s": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
+}
+
+
+def make_scheduler(name: str, config: Any) -> SchedulerMixin:
+    """A scheduler by short name (``SCHEDULER_NAMES``) from an existing scheduler's ``config``."""
+    if name not in SCHEDULER_NAMES:
+        raise ValueError(f"scheduler={name!r} is not accepted; expected one of {', '.join(SCHEDULER_NAMES)}")
+    class_name, overrides = SCHEDULER_NAMES[name]
+    cls = getattr(diffusers, class_name)
+    return cls.from_config(config, **overrides)

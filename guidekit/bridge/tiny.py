@@ -1,0 +1,576 @@
+"""Tiny random-weight diffusers pipelines, built offline and deterministically.
+
+The pipelines mirror the structure of real checkpoints (text encoders, tokenizers, schedulers and their
+configurations) at toy sizes, so tests, benchmarks and demos can exercise the real diffusers code paths in
+well under a second on a CPU without downloading anything. Tokenizers are character-level and built in
+memory; every module is seeded before construction, so equal arguments give bitwise-equal pipelines.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import string
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from diffusers import (
+    AutoencoderDC,
+    AutoencoderKL,
+    ControlNetModel,
+    DDIMScheduler,
+    DiffusionPipeline,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
+    SanaPipeline,
+    SanaTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from torch import nn
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    Gemma2Config,
+    Gemma2Model,
+    GemmaTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+__all__ = [
+    "DEFAULT_SAMPLE_SIZE",
+    "FAMILIES",
+    "build_tiny_controlnet_pipeline",
+    "build_tiny_pipeline",
+    "tiny_call_kwargs",
+    "tiny_pipeline_dir",
+]
+
+FAMILIES: tuple[str, ...] = ("sd", "sd-v", "sdxl", "dit", "pixart", "sd3", "sana", "flux")
+
+DEFAULT_SAMPLE_SIZE = 16
+"""Default latent side length; every tiny autoencoder downsamples by 2, so images are 32 x 32 pixels."""
+
+_VAE_SCALE_FACTOR = 2
+_TEXT_DIM = 32
+_MAX_SEQUENCE_LENGTH = 16
+_CACHE_VERSION = 1
+_CHARS = string.digits + string.ascii_letters + string.punctuation
+
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def build_tiny_pipeline(
+    family: str,
+    *,
+    seed: int = 0,
+    sample_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | os.PathLike | None = None,
+) -> DiffusionPipeline:
+    """Build a tiny random-weight pipeline of ``family`` (one of :data:`FAMILIES`).
+
+    ``sample_size`` is the latent side length (default :data:`DEFAULT_SAMPLE_SIZE`; even, and a multiple
+    of 16 for "sana"). With ``cache_dir`` the pipeline is loaded with ``from_pretrained`` from
+    :func:`tiny_pipeline_dir`, which saves it first if needed; the result is bitwise identical to a fresh
+    build (building takes about as long as loading). The caller's global torch RNG is left untouched.
+    """
+    if cache_dir is None:
+        pipe = _build(family, seed, sample_size)
+    else:
+        path = tiny_pipeline_dir(family, cache_dir, seed=seed, sample_size=sample_size)
+        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+        _realign(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def tiny_pipeline_dir(
+    family: str, cache_dir: str | os.PathLike, *, seed: int = 0, sample_size: int | None = None
+) -> Path:
+    """Return a local float32 checkpoint directory of the tiny pipeline, saving it under ``cache_dir`` once.
+
+    The directory can be passed to ``DiffusionPipeline.from_pretrained`` like a downloaded model.
+    """
+    size = _check_size(family, sample_size)
+    target = Path(cache_dir) / f"tiny-v{_CACHE_VERSION}-{family}-seed{seed}-size{size}"
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        _build(family, seed, size).save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process saved it first
+            shutil.rmtree(staging)
+    return target
+
+
+def build_tiny_controlnet_pipeline(
+    *,
+    seed: int = 0,
+    sample_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | os.PathLike | None = None,
+) -> StableDiffusionControlNetPipeline:
+    """Build the tiny "sd" pipeline with a tiny ControlNet derived from its UNet.
+
+    The control image must have the pipeline's pixel size (``tiny_call_kwargs("sd")["height"]``).
+    ``cache_dir`` caches only the underlying "sd" pipeline.
+    """
+    base = build_tiny_pipeline("sd", seed=seed, sample_size=sample_size, cache_dir=cache_dir)
+    with torch.random.fork_rng(devices=[]):
+        controlnet = _init(
+            seed + 100, ControlNetModel.from_unet, base.unet, conditioning_embedding_out_channels=(16, 32)
+        )
+    _perturb(controlnet, seed + 100)  # ControlNet's zero convolutions would otherwise make it a no-op
+    pipe = StableDiffusionControlNetPipeline(
+        **base.components, controlnet=controlnet, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def tiny_call_kwargs(family: str, batch_size: int = 1, *, sample_size: int | None = None) -> dict[str, Any]:
+    """Return conditioning kwargs for a valid call of the tiny ``family`` pipeline with ``batch_size`` images.
+
+    Pass the ``sample_size`` used to build the pipeline. Step count, guidance scale, generator and output
+    type are left to the caller; for "flux" a negative prompt is included so ``true_cfg_scale > 1`` works.
+    """
+    side = _check_size(family, sample_size) * _VAE_SCALE_FACTOR
+    if family == "dit":
+        return {"class_labels": [1] * batch_size}
+    kwargs: dict[str, Any] = {"prompt": ["a red cat"] * batch_size, "height": side, "width": side}
+    if family in ("pixart", "sd3", "sana", "flux"):
+        kwargs["max_sequence_length"] = _MAX_SEQUENCE_LENGTH
+    if family in ("pixart", "sana"):
+        kwargs["use_resolution_binning"] = False
+        kwargs["clean_caption"] = False
+    if family == "sana":
+        kwargs["complex_human_instruction"] = None
+    if family == "flux":
+        kwargs["negative_prompt"] = ["a blurry photo"] * batch_size
+    return kwargs
+
+
+def _check_size(family: str, sample_size: int | None) -> int:
+    """Validate ``family`` and return the latent side length to use."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    size = DEFAULT_SAMPLE_SIZE if sample_size is None else sample_size
+    # Sana requires pixel sizes divisible by 32; patch-2 transformers and Flux packing need even latents.
+    multiple = 16 if family == "sana" else 2
+    if size <= 0 or size % multiple:
+        raise ValueError(f"sample_size for {family!r} must be a positive multiple of {multiple}, got {size}")
+    return size
+
+
+def _build(family: str, seed: int, sample_size: int | None) -> DiffusionPipeline:
+    """Build a fresh float32 pipeline without disturbing the caller's global RNG."""
+    size = _check_size(family, sample_size)
+    with torch.random.fork_rng(devices=[]):
+        return _BUILDERS[family](seed, size)
+
+
+@torch.no_grad()
+def _realign(pipe: DiffusionPipeline) -> None:
+    """Copy loaded tensors into fresh allocations.
+
+    Safetensors loading leaves tensors at unaligned addresses, where CPU kernels may take different
+    vectorisation paths and round differently from freshly built modules.
+    """
+    for component in pipe.components.values():
+        if isinstance(component, nn.Module):
+            for tensor in itertools.chain(component.parameters(), component.buffers()):
+                tensor.data = tensor.data.clone()
+
+
+def _init(seed: int, factory: Callable[..., _M], *args: Any, **kwargs: Any) -> _M:
+    """Seed the global RNG, construct a module and put it in eval mode."""
+    torch.manual_seed(seed)
+    return factory(*args, **kwargs).eval()
+
+
+@torch.no_grad()
+def _perturb(module: nn.Module, seed: int, std: float = 0.02) -> None:
+    """Add seeded Gaussian noise to every parameter, so zero-initialised layers become active."""
+    generator = torch.Generator().manual_seed(seed)
+    for param in module.parameters():
+        param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * std)
+
+
+def _clip_tokenizer() -> CLIPTokenizer:
+    """Character-level CLIP tokenizer (every character and its word-final form, no merges)."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in _CHARS:
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _clip_text_encoder(seed: int, *, projection: bool) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """Two-layer CLIP text encoder matching :func:`_clip_tokenizer`, optionally with a text projection."""
+    config = CLIPTextConfig(
+        vocab_size=2 + 2 * len(_CHARS),
+        hidden_size=_TEXT_DIM,
+        intermediate_size=2 * _TEXT_DIM,
+        projection_dim=_TEXT_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return _init(seed, CLIPTextModelWithProjection if projection else CLIPTextModel, config)
+
+
+def _t5(seed: int, d_model: int = _TEXT_DIM) -> tuple[T5Tokenizer, T5EncoderModel]:
+    """Character-level unigram T5 tokenizer and a two-layer gated-GELU T5 encoder (T5 v1.1 style)."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(char, -1.0) for char in _CHARS]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+    config = T5Config(
+        vocab_size=len(pieces),
+        d_model=d_model,
+        d_kv=d_model // 4,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return tokenizer, _init(seed, T5EncoderModel, config)
+
+
+def _gemma(seed: int) -> tuple[GemmaTokenizer, Gemma2Model]:
+    """Character-level Gemma tokenizer (adds ``<bos>``) and a two-layer Gemma2 decoder used as encoder."""
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "\u2581": 5}
+    for char in _CHARS:
+        vocab[char] = len(vocab)
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True, model_max_length=8192)
+    config = Gemma2Config(
+        vocab_size=len(vocab),
+        hidden_size=_TEXT_DIM,
+        intermediate_size=2 * _TEXT_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        attn_implementation="eager",
+    )
+    return tokenizer, _init(seed, Gemma2Model, config)
+
+
+def _autoencoder_kl(
+    seed: int, size: int, *, latent_channels: int, scaling_factor: float, shift_factor: float | None = None
+) -> AutoencoderKL:
+    """Two-level AutoencoderKL (downsampling by 2); a shift factor implies no quant convs (SD3/Flux style)."""
+    return _init(
+        seed,
+        AutoencoderKL,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=32,
+        sample_size=size * _VAE_SCALE_FACTOR,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=shift_factor is None,
+        use_post_quant_conv=shift_factor is None,
+    )
+
+
+def _unet(seed: int, size: int, cross_attention_dim: int, **extra: Any) -> UNet2DConditionModel:
+    """Two-level UNet with cross-attention in the lower level (SD layout at toy width)."""
+    return _init(
+        seed,
+        UNet2DConditionModel,
+        sample_size=size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        attention_head_dim=(2, 4),
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=32,
+        **extra,
+    )
+
+
+def _build_sd(seed: int, size: int, prediction_type: str) -> StableDiffusionPipeline:
+    """SD 1.5 ("epsilon") or SD 2.x ("v_prediction") layout with DDIM."""
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        clip_sample=False,
+        prediction_type=prediction_type,
+    )
+    return StableDiffusionPipeline(
+        vae=_autoencoder_kl(seed + 1, size, latent_channels=4, scaling_factor=0.18215),
+        text_encoder=_clip_text_encoder(seed + 2, projection=False),
+        tokenizer=_clip_tokenizer(),
+        unet=_unet(seed, size, cross_attention_dim=_TEXT_DIM),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _build_sdxl(seed: int, size: int) -> StableDiffusionXLPipeline:
+    """SDXL layout: two CLIP encoders (the second projected), text-time added conditioning, Euler."""
+    time_embed_dim = 8
+    unet = _unet(
+        seed,
+        size,
+        cross_attention_dim=2 * _TEXT_DIM,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + _TEXT_DIM,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        interpolation_type="linear",
+        prediction_type="epsilon",
+        use_karras_sigmas=False,
+    )
+    return StableDiffusionXLPipeline(
+        vae=_autoencoder_kl(seed + 1, size, latent_channels=4, scaling_factor=0.13025),
+        text_encoder=_clip_text_encoder(seed + 2, projection=False),
+        text_encoder_2=_clip_text_encoder(seed + 3, projection=True),
+        tokenizer=_clip_tokenizer(),
+        tokenizer_2=_clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+    )
+
+
+def _build_dit(seed: int, size: int) -> DiTPipeline:
+    """Class-conditional DiT (adaLN-zero, learned sigma, patch 2) with DiT's DDIM configuration."""
+    transformer = _init(
+        seed,
+        DiTTransformer2DModel,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=size,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_zero",
+    )
+    # Reference DiT zero-initialises adaLN-zero modulation (diffusers does not); perturb so none is inert.
+    _perturb(transformer, seed)
+    scheduler = DDIMScheduler(
+        beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000, clip_sample=False
+    )
+    vae = _autoencoder_kl(seed + 1, size, latent_channels=4, scaling_factor=0.18215)
+    return DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
+
+
+def _build_pixart(seed: int, size: int) -> PixArtSigmaPipeline:
+    """PixArt-Sigma layout: adaLN-single transformer with learned sigma, T5 encoder, DPM-Solver++."""
+    tokenizer, text_encoder = _t5(seed + 2)
+    transformer = _init(
+        seed,
+        PixArtTransformer2DModel,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        cross_attention_dim=32,
+        caption_channels=_TEXT_DIM,
+        sample_size=size,
+        patch_size=2,
+        norm_type="ada_norm_single",
+        interpolation_scale=1,
+    )
+    scheduler = DPMSolverMultistepScheduler(
+        beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000
+    )
+    return PixArtSigmaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=_autoencoder_kl(seed + 1, size, latent_channels=4, scaling_factor=0.13025),
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+
+
+def _build_sd3(seed: int, size: int) -> StableDiffusion3Pipeline:
+    """SD3 layout: MMDiT, two projected CLIP encoders plus T5, 16-channel VAE, shifted flow matching."""
+    # SD3 zero-pads the concatenated CLIP states up to the T5 width, so T5 must be at least as wide.
+    tokenizer_3, text_encoder_3 = _t5(seed + 4, d_model=2 * _TEXT_DIM)
+    transformer = _init(
+        seed,
+        SD3Transformer2DModel,
+        sample_size=size,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=2 * _TEXT_DIM,
+        caption_projection_dim=32,
+        pooled_projection_dim=2 * _TEXT_DIM,
+        pos_embed_max_size=size,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=_autoencoder_kl(seed + 1, size, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609),
+        text_encoder=_clip_text_encoder(seed + 2, projection=True),
+        tokenizer=_clip_tokenizer(),
+        text_encoder_2=_clip_text_encoder(seed + 3, projection=True),
+        tokenizer_2=_clip_tokenizer(),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+
+
+def _build_sana(seed: int, size: int) -> SanaPipeline:
+    """Sana layout: linear-attention transformer, deep-compression AE, Gemma2, flow DPM-Solver++."""
+    tokenizer, text_encoder = _gemma(seed + 2)
+    transformer = _init(
+        seed,
+        SanaTransformer2DModel,
+        in_channels=8,
+        out_channels=8,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=16,
+        cross_attention_dim=32,
+        caption_channels=_TEXT_DIM,
+        sample_size=size,
+        patch_size=1,
+    )
+    vae = _init(
+        seed + 1,
+        AutoencoderDC,
+        in_channels=3,
+        latent_channels=8,
+        attention_head_dim=8,
+        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(16, 32),
+        decoder_block_out_channels=(16, 32),
+        encoder_layers_per_block=(1, 1),
+        decoder_layers_per_block=(1, 1),
+        encoder_qkv_multiscales=((), (5,)),
+        decoder_qkv_multiscales=((), (5,)),
+        upsample_block_type="interpolate",
+        downsample_block_type="stride_conv",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    )
+    scheduler = DPMSolverMultistepScheduler(
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="linear",
+        num_train_timesteps=1000,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=3.0,
+    )
+    return SanaPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+
+
+def _build_flux(seed: int, size: int) -> FluxPipeline:
+    """FLUX.1-dev layout: guidance-embedded MMDiT on packed latents, CLIP pooled + T5, dynamic shift."""
+    tokenizer_2, text_encoder_2 = _t5(seed + 3)
+    transformer = _init(
+        seed,
+        FluxTransformer2DModel,
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=_TEXT_DIM,
+        pooled_projection_dim=_TEXT_DIM,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=_autoencoder_kl(seed + 1, size, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=_clip_text_encoder(seed + 2, projection=False),
+        tokenizer=_clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+
+
+_BUILDERS: dict[str, Callable[[int, int], DiffusionPipeline]] = {
+    "sd": lambda seed, size: _build_sd(seed, size, "epsilon"),
+    "sd-v": lambda seed, size: _build_sd(seed, size, "v_prediction"),
+    "sdxl": _build_sdxl,
+    "dit": _build_dit,
+    "pixart": _build_pixart,
+    "sd3": _build_sd3,
+    "sana": _build_sana,
+    "flux": _build_flux,
+}

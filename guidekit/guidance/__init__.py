@@ -1,0 +1,27 @@
+"""Guidance methods: pure tensor maths on one denoiser call's predictions (no pipeline code)."""
+
+from guidekit.guidance.adaptive import AdaptiveGuidance
+from guidekit.guidance.apg import APG
+from guidekit.guidance.base import Guidance, GuidanceContext, apply_guidance
+from guidekit.guidance.cfg import CFG
+from guidekit.guidance.cfg_zero import CFGZeroStar
+from guidekit.guidance.interval import Interval
+from guidekit.guidance.schedules import SCHEDULES, Scheduled, schedule_weight
+from guidekit.guidance.spec import GuidanceSyntaxError, format_guidance, parse_guidance
+
+__all__ = [
+    "APG",
+    "CFG",
+    "SCHEDULES",
+    "AdaptiveGuidance",
+    "CFGZeroStar",
+    "Guidance",
+    "GuidanceContext",
+    "GuidanceSyntaxError",
+    "Interval",
+    "Scheduled",
+    "apply_guidance",
+    "format_guidance",
+    "parse_guidance",
+    "schedule_weight",
+]

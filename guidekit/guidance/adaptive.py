@@ -1,0 +1,76 @@
+"""Adaptive Guidance (Castillo et al., arXiv 2312.12487, Sec. 4).
+
+At each solver step the cosine similarity ``gamma_t = cos(eps_c, eps_u)`` of the two noise
+predictions is measured per sample (flattened). Guidance runs while ``gamma_t < gamma_bar``; from the
+first step at which ``gamma_t >= gamma_bar`` the sample is switched to conditional-only for the rest
+of the pipeline call (the switch is permanent). The step that triggers the switch is still guided,
+and the switch takes effect at the next solver step, so both calls of a Heun step agree. Samples of
+a batch switch independently, and only the rows still guided are evaluated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from guidekit.guidance.base import (
+    Guidance,
+    GuidanceContext,
+    GuidanceWrapper,
+    check_number,
+    per_sample_dot,
+    per_sample_norm,
+)
+from guidekit.parameterization import check_space
+
+_NEVER = torch.iinfo(torch.int64).max
+
+
+@dataclass(eq=True)
+class AdaptiveGuidance(GuidanceWrapper):
+    """Guide with ``inner`` until the two predictions align, then stop guiding that sample.
+
+    Args:
+        inner: the guidance applied while a sample is still guided.
+        threshold: ``gamma_bar`` in ``(0, 1]``; the paper uses 0.991, 0.994 or 0.996. A cosine
+            similarity never exceeds 1, so ``1.0`` keeps guiding unless the predictions are exactly
+            parallel.
+        space: the prediction space of the cosine similarity (the paper's is ``"eps"``).
+    """
+
+    inner: Guidance
+    threshold: float = 0.991
+    space: str = "eps"
+    _last_step: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._check_inner()
+        self.threshold = check_number("threshold", self.threshold, low=0.0, high=1.0, low_open=True)
+        check_space("space", self.space)
+
+    def reset(self, batch_size: int) -> None:
+        super().reset(batch_size)
+        self._last_step = torch.full((batch_size,), _NEVER, dtype=torch.int64)
+
+    def _last(self, ctx: GuidanceContext) -> torch.Tensor:
+        if self._last_step is None or len(self._last_step) != ctx.batch_size:
+            self.reset(ctx.batch_size)
+        return self._last_step[ctx.rows.cpu()]  # type: ignore[index]
+
+    def needs_unconditional(self, ctx: GuidanceContext, scale: float | None = None) -> torch.Tensor:
+        still = (ctx.step <= self._last(ctx)).to(ctx.rows.device)
+        return self.inner.needs_unconditional(ctx, scale) & still
+
+    def similarity(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext) -> torch.Tensor:
+        """``gamma_t`` per sample: cosine similarity of the two predictions in ``self.space``."""
+        c, u = ctx.to_space(cond, self.space), ctx.to_space(uncond, self.space)
+        return (per_sample_dot(c, u) / (per_sample_norm(c) * per_sample_norm(u))).flatten()
+
+    def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext,
+                scale: float | None = None) -> torch.Tensor:
+        switch = (self.similarity(cond, uncond, ctx) >= self.threshold).cpu()
+        if switch.any():
+            rows = ctx.rows.cpu()[switch]
+            self._last_step[rows] = torch.clamp(self._last_step[rows], max=ctx.step)  # type: ignore[index]
+        return self.inner.combine(cond, uncond, ctx, scale)

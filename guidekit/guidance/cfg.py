@@ -1,0 +1,57 @@
+"""Classifier-free guidance and CFG-rescale.
+
+CFG (Ho & Salimans 2022, eq. 6, written with ``w = 1 + w_HS``): ``y = y_u + w (y_c - y_u)``. It is
+affine in the prediction, so its result does not depend on the space it runs in; guidekit runs it in
+the model's own output space, which makes it equal to diffusers' native CFG to rounding.
+
+CFG-rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
+Algorithm 2 / eq. 15-16): ``y_res = y_cfg * std(y_c) / std(y_cfg)`` per sample over all non-batch
+dimensions, ``y = phi y_res + (1 - phi) y_cfg``. The paper works on v-predictions, so the default
+``rescale_space`` is ``"v"``; ``rescale_space="model"`` reproduces diffusers' ``guidance_rescale``,
+which rescales whatever the model outputs (eps for SD1.5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from guidekit.guidance.base import GuidanceContext, WeightedGuidance, check_number
+from guidekit.parameterization import check_space
+
+
+def _std(y: torch.Tensor) -> torch.Tensor:
+    return y.flatten(1).std(dim=1).view(-1, *([1] * (y.ndim - 1)))
+
+
+@dataclass(eq=True)
+class CFG(WeightedGuidance):
+    """Classifier-free guidance at weight ``scale`` (``1`` = no guidance), optionally rescaled.
+
+    Args:
+        scale: guidance weight ``w`` (diffusers' ``guidance_scale``), ``>= 0``.
+        rescale: CFG-rescale factor ``phi`` in ``[0, 1]``; ``0`` disables it (the paper uses 0.7).
+        rescale_space: prediction space of the rescale: ``"v"`` (paper), ``"eps"``, ``"x0"``,
+            ``"flow"`` or ``"model"`` (diffusers' behaviour).
+    """
+
+    rescale: float = 0.0
+    rescale_space: str = "v"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.rescale = check_number("rescale", self.rescale, low=0.0, high=1.0)
+        check_space("rescale_space", self.rescale_space, allow_model=True)
+
+    @property
+    def space(self) -> str:  # type: ignore[override]
+        return self.rescale_space if self.rescale > 0 else "model"
+
+    def combine_in_space(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext,
+                         scale: float) -> torch.Tensor:
+        guided = uncond + scale * (cond - uncond)
+        if self.rescale == 0:
+            return guided
+        rescaled = guided * (_std(cond) / _std(guided))
+        return self.rescale * rescaled + (1 - self.rescale) * guided

@@ -1,0 +1,47 @@
+"""Guidance in a limited interval (Kynkaanniemi et al., NeurIPS 2024, arXiv 2404.07724, eq. 5).
+
+``w(sigma) = w`` for ``sigma`` in ``(sigma_lo, sigma_hi]``, else ``1``. Outside the interval the
+network runs conditional-only: no unconditional row is computed. As in the authors' EDM sampler
+(kynkaat/guidance-interval), the decision is taken once per solver step at the step's starting
+sigma, so both evaluations of a Heun step share it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from guidekit.guidance.base import Guidance, GuidanceContext, GuidanceWrapper, check_number
+
+
+@dataclass(eq=True)
+class Interval(GuidanceWrapper):
+    """Apply ``inner`` only while the step's sigma lies in ``(sigma_lo, sigma_hi]`` (EDM sigma).
+
+    Args:
+        inner: the guidance used inside the interval.
+        sigma_lo: lower end (exclusive), ``>= 0``.
+        sigma_hi: upper end (inclusive), ``> sigma_lo``; ``float("inf")`` for no upper end.
+    """
+
+    inner: Guidance
+    sigma_lo: float
+    sigma_hi: float
+
+    def __post_init__(self) -> None:
+        self._check_inner()
+        self.sigma_lo = check_number("sigma_lo", self.sigma_lo, low=0.0)
+        if self.sigma_hi != float("inf"):
+            self.sigma_hi = check_number("sigma_hi", self.sigma_hi, low=0.0)
+        if self.sigma_lo >= self.sigma_hi:
+            raise ValueError(f"sigma_lo={self.sigma_lo!r}, sigma_hi={self.sigma_hi!r} are not accepted; "
+                             "expected 0 <= sigma_lo < sigma_hi")
+
+    def contains(self, sigma: float) -> bool:
+        """Whether guidance applies at a step that starts at ``sigma``."""
+        return self.sigma_lo < sigma <= self.sigma_hi
+
+    def needs_unconditional(self, ctx: GuidanceContext, scale: float | None = None) -> torch.Tensor:
+        inside = self.inner.needs_unconditional(ctx, scale)
+        return inside if self.contains(ctx.step_sigma) else torch.zeros_like(inside)

@@ -1,0 +1,120 @@
+"""CFG weight schedules (Wang et al., TMLR 2024, arXiv 2404.13040, Sec. 3 and Table 1).
+
+``tau = t / T`` runs from 1 (pure noise) to 0 (data); guidekit takes ``t`` as the step's timestep in
+the scheduler's units and ``T`` as ``num_train_timesteps`` (for flow models ``tau`` is the flow time).
+
+The paper writes guidance as ``eps_c + w_HS (eps_c - eps_u)`` and its Fig. 1 pseudocode schedules
+that Ho & Salimans weight (``w = max(1, w0 * 2 t / T)``; ``eps = (w + 1) eps_c - w eps_u``). So a
+schedule here multiplies ``w - 1``, not ``w``: with ``f`` the shape below,
+``w(tau) = 1 + f(tau, w - 1)``. The linear, inverse-linear, cosine, sine, V and Lambda shapes have
+mean ``w`` over ``tau`` in ``[0, 1]`` (the paper's area normalisation); ``clamp_linear`` adds a floor
+``c`` on the Ho & Salimans weight, and ``pcs`` is not normalised (``s = 1`` has mean ``(w + 1) / 2``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from guidekit.guidance.base import Guidance, GuidanceContext, GuidanceWrapper, check_number
+
+
+def _linear(tau: float, w: float) -> float:
+    return 2 * w * (1 - tau)
+
+
+def _inverse_linear(tau: float, w: float) -> float:
+    return 2 * w * tau
+
+
+def _cosine(tau: float, w: float) -> float:
+    return w * (1 + math.cos(math.pi * tau))
+
+
+def _sine(tau: float, w: float) -> float:
+    return w * (1 - math.cos(math.pi * tau))
+
+
+def _v_shape(tau: float, w: float) -> float:
+    return 2 * w * abs(1 - 2 * tau)
+
+
+def _lambda_shape(tau: float, w: float) -> float:
+    return 2 * w * (1 - abs(1 - 2 * tau))
+
+
+def _clamp_linear(tau: float, w: float, c: float) -> float:
+    return max(c, 2 * w * (1 - tau))
+
+
+def _pcs(tau: float, w: float, s: float) -> float:
+    return w * (1 - math.cos(math.pi * (1 - tau) ** s)) / 2
+
+
+#: Schedule name -> (function of (tau, w, **params), names of its parameters).
+SCHEDULES: dict[str, tuple[Callable[..., float], tuple[str, ...]]] = {
+    "constant": (lambda tau, w: w, ()),  # the unscheduled weight, for sweeps
+    "linear": (_linear, ()),
+    "inverse_linear": (_inverse_linear, ()),
+    "cosine": (_cosine, ()),
+    "sine": (_sine, ()),
+    "v_shape": (_v_shape, ()),
+    "lambda_shape": (_lambda_shape, ()),
+    "clamp_linear": (_clamp_linear, ("c",)),
+    "pcs": (_pcs, ("s",)),
+}
+
+
+def schedule_weight(schedule: str, tau: float, w: float, **params: float) -> float:
+    """The guidance weight (``1`` = none) of ``schedule`` at normalised time ``tau`` for base weight ``w``.
+
+    The shape is applied to the Ho & Salimans weight ``w - 1`` (see the module docstring).
+    """
+    fn, _ = SCHEDULES[schedule]
+    return 1.0 + fn(tau, w - 1.0, **params)
+
+
+@dataclass(eq=True)
+class Scheduled(GuidanceWrapper):
+    """Run ``inner`` with its weight replaced, at each step, by ``schedule_weight(schedule, tau, inner.scale)``.
+
+    Args:
+        inner: a guidance with a ``scale`` (CFG, APG, CFG-Zero*, or a wrapper of one).
+        schedule: one of ``SCHEDULES``.
+        params: the schedule's parameters (``c`` for ``clamp_linear``, the floor of the Ho & Salimans
+            weight; ``s`` for ``pcs``, the exponent).
+    """
+
+    uses_unconditional = True  # a schedule moves the weight away from 1 even when ``inner.scale`` is 1
+
+    inner: Guidance
+    schedule: str
+    params: dict[str, float] = field(default_factory=dict)
+
+    def __init__(self, inner: Guidance, schedule: str, **params: float) -> None:
+        self.inner, self.schedule, self.params = inner, schedule, dict(params)
+        self._check_inner()
+        if not hasattr(inner, "scale"):
+            raise TypeError(f"inner={inner!r} is not accepted; expected a guidance with a scale")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r} is not accepted; expected one of {', '.join(SCHEDULES)}")
+        expected = SCHEDULES[schedule][1]
+        if set(params) != set(expected):
+            raise ValueError(f"schedule {schedule!r} takes parameters ({', '.join(expected) or 'none'}); "
+                             f"got {', '.join(params) or 'none'}")
+        for name, value in params.items():
+            self.params[name] = check_number(name, value, low=0.0)
+
+    def weight(self, tau: float) -> float:
+        """The scheduled weight at normalised time ``tau``."""
+        return schedule_weight(self.schedule, tau, self.inner.scale, **self.params)  # type: ignore[attr-defined]
+
+    def needs_unconditional(self, ctx: GuidanceContext, scale: float | None = None) -> torch.Tensor:
+        return self.inner.needs_unconditional(ctx, self.weight(ctx.tau))
+
+    def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext,
+                scale: float | None = None) -> torch.Tensor:
+        return self.inner.combine(cond, uncond, ctx, self.weight(ctx.tau))

@@ -1,0 +1,122 @@
+"""The text form of guidance objects, for command lines, config files and sweeps.
+
+``interval(apg(scale=2, eta=0), sigma_lo=0.28, sigma_hi=5.42)`` parses to
+``Interval(APG(2.0, eta=0.0), 0.28, 5.42)``, and :func:`format_guidance` writes any guidance back
+in the same form, so ``parse_guidance(format_guidance(g)) == g``. Names are case-insensitive and
+underscores are optional (``cfg_zero_star``, ``CFGZeroStar``); arguments are numbers, strings,
+``true``/``false``, ``inf`` or nested guidance calls. The text is parsed with :mod:`ast`; nothing in
+it is evaluated.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import math
+
+from guidekit.guidance.adaptive import AdaptiveGuidance
+from guidekit.guidance.apg import APG
+from guidekit.guidance.base import Guidance
+from guidekit.guidance.cfg import CFG
+from guidekit.guidance.cfg_zero import CFGZeroStar
+from guidekit.guidance.interval import Interval
+from guidekit.guidance.schedules import Scheduled
+
+#: Canonical text name of each guidance class.
+NAMES: dict[type[Guidance], str] = {
+    CFG: "cfg",
+    APG: "apg",
+    Interval: "interval",
+    Scheduled: "scheduled",
+    AdaptiveGuidance: "adaptive",
+    CFGZeroStar: "cfg_zero_star",
+}
+_ALIASES = {"ag": AdaptiveGuidance, "adaptiveguidance": AdaptiveGuidance}
+
+
+def _key(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
+
+
+_BY_KEY: dict[str, type[Guidance]] = {_key(n): c for c, n in NAMES.items()} | _ALIASES
+
+
+class GuidanceSyntaxError(ValueError):
+    """A guidance text that does not parse."""
+
+
+def _fail(text: str, why: str) -> GuidanceSyntaxError:
+    accepted = ", ".join(sorted(set(NAMES.values())))
+    return GuidanceSyntaxError(f"guidance={text!r} does not parse: {why}; expected a call such as "
+                               f"'interval(apg(scale=2, eta=0), sigma_lo=0.28, sigma_hi=5.42)' "
+                               f"using {accepted}")
+
+
+def _value(node: ast.expr, text: str) -> object:
+    if isinstance(node, ast.Call):
+        return _call(node, text)
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str)) \
+            and not isinstance(node.value, bool):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        inner = _value(node.operand, text)
+        if isinstance(inner, (int, float)):
+            return -inner if isinstance(node.op, ast.USub) else inner
+    if isinstance(node, ast.Name):
+        named = {"inf": math.inf, "true": True, "false": False, "none": None}
+        if node.id.lower() in named:
+            return named[node.id.lower()]
+    raise _fail(text, f"unsupported argument {ast.unparse(node)!r}")
+
+
+def _call(node: ast.Call, text: str) -> Guidance:
+    if not isinstance(node.func, ast.Name):
+        raise _fail(text, f"{ast.unparse(node.func)!r} is not a method name")
+    cls = _BY_KEY.get(_key(node.func.id))
+    if cls is None:
+        raise _fail(text, f"unknown method {node.func.id!r}")
+    args = [_value(a, text) for a in node.args]
+    kwargs = {}
+    for kw in node.keywords:
+        if kw.arg is None:
+            raise _fail(text, "'**' is not supported")
+        kwargs[kw.arg] = _value(kw.value, text)
+    try:
+        return cls(*args, **kwargs)
+    except TypeError as exc:
+        raise _fail(text, f"bad arguments for {NAMES[cls]}: {exc}") from None
+
+
+def parse_guidance(text: str) -> Guidance:
+    """Parse the text form of a guidance (see the module docstring)."""
+    if not isinstance(text, str):
+        raise TypeError(f"guidance={text!r} is not accepted; expected a string")
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as exc:
+        raise _fail(text, exc.msg) from None
+    if not isinstance(tree.body, ast.Call):
+        raise _fail(text, "it is not a call")
+    return _call(tree.body, text)
+
+
+def _format_value(value: object) -> str:
+    if isinstance(value, Guidance):
+        return format_guidance(value)
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return repr(value)
+
+
+def format_guidance(guidance: Guidance) -> str:
+    """The text form of ``guidance``; :func:`parse_guidance` reads it back to an equal object."""
+    name = NAMES.get(type(guidance))
+    if name is None:
+        raise TypeError(f"guidance={guidance!r} has no text form; expected one of {', '.join(NAMES.values())}")
+    if isinstance(guidance, Scheduled):
+        parts = [format_guidance(guidance.inner), repr(guidance.schedule)]
+        parts += [f"{k}={_format_value(v)}" for k, v in guidance.params.items()]
+    else:
+        parts = [f"{f.name}={_format_value(getattr(guidance, f.name))}"
+                 for f in dataclasses.fields(guidance) if f.init]
+    return f"{name}({', '.join(parts)})"
