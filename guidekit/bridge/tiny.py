@@ -98,7 +98,8 @@ def build_tiny_pipeline(
         pipe = _build(family, seed, sample_size)
     else:
         path = tiny_pipeline_dir(family, cache_dir, seed=seed, sample_size=sample_size)
-        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+        with torch.random.fork_rng(devices=[]):  # some models draw random numbers while being loaded
+            pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
         _realign(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
@@ -155,9 +156,10 @@ def tiny_call_kwargs(family: str, batch_size: int = 1, *, sample_size: int | Non
     Pass the ``sample_size`` used to build the pipeline. Step count, guidance scale, generator and output
     type are left to the caller; for "flux" a negative prompt is included so ``true_cfg_scale > 1`` works.
     """
-    side = _check_size(family, sample_size) * _VAE_SCALE_FACTOR
+    size = _check_size(family, sample_size)
     if family == "dit":
         return {"class_labels": [1] * batch_size}
+    side = size * _VAE_SCALE_FACTOR
     kwargs: dict[str, Any] = {"prompt": ["a red cat"] * batch_size, "height": side, "width": side}
     if family in ("pixart", "sd3", "sana", "flux"):
         kwargs["max_sequence_length"] = _MAX_SEQUENCE_LENGTH
@@ -429,7 +431,6 @@ def _build_pixart(seed: int, size: int) -> PixArtSigmaPipeline:
         sample_size=size,
         patch_size=2,
         norm_type="ada_norm_single",
-        interpolation_scale=1,
     )
     scheduler = DPMSolverMultistepScheduler(
         beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000

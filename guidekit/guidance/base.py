@@ -140,10 +140,19 @@ class WeightedGuidance(Guidance):
 
     def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext,
                 scale: float | None = None) -> torch.Tensor:
+        """Convert to ``self.space``, apply the formula, convert back.
+
+        Outside the model's own space the conversions and the formula run in float64, so that a
+        method that reduces to CFG does so to float32 rounding rather than to conversion error.
+        """
+        weight = self.scale if scale is None else scale
         space = ctx.model_space if self.space == "model" else self.space
-        out = self.combine_in_space(ctx.to_space(cond, space), ctx.to_space(uncond, space), ctx,
-                                    self.scale if scale is None else scale)
-        return ctx.from_space(out, space)
+        if space == ctx.model_space:
+            return self.combine_in_space(cond, uncond, ctx, weight)
+        ctx64 = replace(ctx, x=ctx.x.double())
+        out = self.combine_in_space(ctx64.to_space(cond.double(), space), ctx64.to_space(uncond.double(), space),
+                                    ctx64, weight)
+        return ctx64.from_space(out, space).to(cond.dtype)
 
     def combine_in_space(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext,
                          scale: float) -> torch.Tensor:

@@ -1,0 +1,22 @@
+"""Shared test helpers: contexts for the pure guidance maths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from guidekit.guidance.base import GuidanceContext
+from guidekit.parameterization import NoiseLevel
+
+
+def make_context(x: torch.Tensor, *, sigma: float = 1.5, space: str = "eps", step: int = 0, num_steps: int = 10,
+                 tau: float = 0.5, corrector: bool = False) -> GuidanceContext:
+    """A context over all rows of ``x`` at VP noise level ``sigma``."""
+    return GuidanceContext(x=x, level=NoiseLevel.from_sigma(sigma), model_space=space, step=step,
+                           num_steps=num_steps, step_sigma=sigma, tau=tau, corrector=corrector,
+                           rows=torch.arange(len(x)), batch_size=len(x))
+
+
+@pytest.fixture
+def rng() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)

@@ -1,0 +1,65 @@
+"""Test helpers around the tiny offline pipelines: cached builds, scheduler swaps, final latents."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import DiffusionPipeline
+
+from guidekit.bridge.schedulers import make_scheduler
+from guidekit.bridge.tiny import build_tiny_pipeline, tiny_call_kwargs
+
+VP_FAMILIES = ("sd", "sd-v", "sdxl", "dit", "pixart")
+FLOW_FAMILIES = ("sd3", "sana")
+VP_SCHEDULERS = ("ddim", "euler", "heun", "dpmpp_2m", "unipc")
+FLOW_SCHEDULERS = ("flow_euler", "dpmpp_2m_flow", "unipc_flow")
+
+
+@functools.cache
+def pipeline(family: str) -> DiffusionPipeline:
+    """One tiny pipeline per family per test session (tests restore whatever they change)."""
+    return build_tiny_pipeline(family)
+
+
+def scheduler(pipe: DiffusionPipeline, name: str) -> Any:
+    """A scheduler by short name; ``*_flow`` names are the multistep solvers in flow-matching mode."""
+    if name.endswith("_flow"):
+        cls = {"dpmpp_2m_flow": diffusers.DPMSolverMultistepScheduler,
+               "unipc_flow": diffusers.UniPCMultistepScheduler}[name]
+        return cls(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)
+    return make_scheduler(name, pipe.scheduler.config)
+
+
+def final_latents(pipe: DiffusionPipeline, family: str, *, steps: int = 4, seed: int = 0, batch_size: int = 1,
+                  **kwargs: Any) -> torch.Tensor:
+    """The latents a call ends with (DiT always decodes, so its decoder input is captured)."""
+    call = {**tiny_call_kwargs(family, batch_size), "num_inference_steps": steps, **kwargs}
+    generator = torch.Generator().manual_seed(seed)
+    if family != "dit":
+        return pipe(**call, generator=generator, output_type="latent").images
+    captured: list[torch.Tensor] = []
+    decode = pipe.vae.decode
+
+    def spy(latents: torch.Tensor, *args: Any, **kw: Any) -> Any:
+        captured.append(latents.clone())
+        return decode(latents, *args, **kw)
+
+    pipe.vae.decode = spy
+    try:
+        pipe(**call, generator=generator, output_type="np")
+    finally:
+        del pipe.vae.decode
+    return captured[0]
+
+
+def count_rows(pipe: DiffusionPipeline, denoiser: str) -> tuple[list[int], Any]:
+    """Record the batch size of every real denoiser forward with a torch forward pre-hook."""
+    rows: list[int] = []
+    handle = getattr(pipe, denoiser).register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append((args[0] if args else kwargs.get("hidden_states",
+                                                                                  kwargs.get("sample"))).shape[0]),
+        with_kwargs=True)
+    return rows, handle
