@@ -8,6 +8,9 @@ import torch
 from guidekit.guidance.base import GuidanceContext
 from guidekit.parameterization import NoiseLevel
 
+# One thread: results do not depend on the thread count, and a busy second core does not stall the tests.
+torch.set_num_threads(1)
+
 
 def make_context(x: torch.Tensor, *, sigma: float = 1.5, space: str = "eps", step: int = 0, num_steps: int = 10,
                  tau: float = 0.5, corrector: bool = False) -> GuidanceContext:

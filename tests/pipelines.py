@@ -56,10 +56,10 @@ def final_latents(pipe: DiffusionPipeline, family: str, *, steps: int = 4, seed:
 
 
 def count_rows(pipe: DiffusionPipeline, denoiser: str) -> tuple[list[int], Any]:
-    """Record the batch size of every real denoiser forward with a torch forward pre-hook."""
+    """Record the rows the network really evaluates: a forward hook on its first layer (the patch embedding
+    or input convolution), below anything guidekit wraps."""
+    module = getattr(pipe, denoiser)
+    first = getattr(module, "conv_in", None) or module.pos_embed
     rows: list[int] = []
-    handle = getattr(pipe, denoiser).register_forward_pre_hook(
-        lambda module, args, kwargs: rows.append((args[0] if args else kwargs.get("hidden_states",
-                                                                                  kwargs.get("sample"))).shape[0]),
-        with_kwargs=True)
+    handle = first.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
     return rows, handle

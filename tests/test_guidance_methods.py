@@ -166,7 +166,7 @@ def test_adaptive_similarity_is_cosine_of_eps() -> None:
     g = AdaptiveGuidance(CFG(3))
     ctx = make_context(x, space="v")
     ce, ue = ctx.to_space(c, "eps").flatten(1), ctx.to_space(u, "eps").flatten(1)
-    torch.testing.assert_close(g.similarity(c, u, ctx), torch.nn.functional.cosine_similarity(ce, ue))
+    torch.testing.assert_close(g.similarity(c, u, ctx).float(), torch.nn.functional.cosine_similarity(ce, ue))
 
 
 # Shapes of REFERENCE's table, written here independently: f(tau, w) with tau = 1 at pure noise.

@@ -10,7 +10,7 @@ a batch switch independently, and only the rows still guided are evaluated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -64,7 +64,8 @@ class AdaptiveGuidance(GuidanceWrapper):
 
     def similarity(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext) -> torch.Tensor:
         """``gamma_t`` per sample: cosine similarity of the two predictions in ``self.space``."""
-        c, u = ctx.to_space(cond, self.space), ctx.to_space(uncond, self.space)
+        ctx64 = replace(ctx, x=ctx.x.double())
+        c, u = ctx64.to_space(cond.double(), self.space), ctx64.to_space(uncond.double(), self.space)
         return (per_sample_dot(c, u) / (per_sample_norm(c) * per_sample_norm(u))).flatten()
 
     def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext,

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 
-from guidekit.parameterization import NoiseLevel, check_space
+from guidekit.parameterization import NoiseLevel
 
 
 @dataclass(frozen=True)
@@ -132,23 +133,26 @@ class WeightedGuidance(Guidance):
 
     def __post_init__(self) -> None:
         self.scale = check_number("scale", self.scale, low=0.0)
-        check_space("space", self.space, allow_model=True)
 
     def needs_unconditional(self, ctx: GuidanceContext, scale: float | None = None) -> torch.Tensor:
         weight = self.scale if scale is None else scale
         return torch.full((len(ctx.rows),), weight != 1.0, dtype=torch.bool)
 
+    #: Whether the formula is linear in the predictions; linear formulas run in the model's own space and
+    #: dtype, which makes plain CFG reproduce the pipeline's native arithmetic bit for bit.
+    linear: ClassVar[bool] = False
+
     def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext,
                 scale: float | None = None) -> torch.Tensor:
         """Convert to ``self.space``, apply the formula, convert back.
 
-        Outside the model's own space the conversions and the formula run in float64, so that a
-        method that reduces to CFG does so to float32 rounding rather than to conversion error.
+        Non-linear formulas, and every conversion, run in float64, so that a method that reduces to
+        CFG does so to rounding of the model's dtype rather than to conversion error.
         """
         weight = self.scale if scale is None else scale
-        space = ctx.model_space if self.space == "model" else self.space
-        if space == ctx.model_space:
+        if self.linear:
             return self.combine_in_space(cond, uncond, ctx, weight)
+        space = ctx.model_space if self.space == "model" else self.space
         ctx64 = replace(ctx, x=ctx.x.double())
         out = self.combine_in_space(ctx64.to_space(cond.double(), space), ctx64.to_space(uncond.double(), space),
                                     ctx64, weight)
@@ -181,18 +185,13 @@ def apply_guidance(guidance: Guidance, cond: torch.Tensor, uncond: torch.Tensor,
         guided: boolean mask ``(B,)``: the samples whose unconditional prediction was computed.
         ctx: the call's context over all ``B`` samples.
     """
-    compute_dtype = torch.promote_types(cond.dtype, torch.float32)
     out = torch.empty_like(cond)
     idx = guided.nonzero().squeeze(1)
     rest = (~guided).nonzero().squeeze(1)
     if len(idx):
-        sub = ctx.subset(idx)
-        sub = replace(sub, x=sub.x.to(compute_dtype))
-        out[idx] = guidance.combine(cond[idx].to(compute_dtype), uncond.to(compute_dtype), sub).to(out.dtype)
+        out[idx] = guidance.combine(cond[idx], uncond, ctx.subset(idx)).to(out.dtype)
     if len(rest):
-        sub = ctx.subset(rest)
-        sub = replace(sub, x=sub.x.to(compute_dtype))
-        out[rest] = guidance.conditional_only(cond[rest].to(compute_dtype), sub).to(out.dtype)
+        out[rest] = guidance.conditional_only(cond[rest], ctx.subset(rest)).to(out.dtype)
     return out
 
 

@@ -2,7 +2,7 @@
 
 CFG (Ho & Salimans 2022, eq. 6, written with ``w = 1 + w_HS``): ``y = y_u + w (y_c - y_u)``. It is
 affine in the prediction, so its result does not depend on the space it runs in; guidekit runs it in
-the model's own output space, which makes it equal to diffusers' native CFG to rounding.
+the model's own output space and dtype, which makes it equal to diffusers' native CFG bit for bit.
 
 CFG-rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
 Algorithm 2 / eq. 15-16): ``y_res = y_cfg * std(y_c) / std(y_cfg)`` per sample over all non-batch
@@ -46,7 +46,11 @@ class CFG(WeightedGuidance):
 
     @property
     def space(self) -> str:  # type: ignore[override]
-        return self.rescale_space if self.rescale > 0 else "model"
+        return self.rescale_space
+
+    @property
+    def linear(self) -> bool:  # type: ignore[override]
+        return self.rescale == 0
 
     def combine_in_space(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext,
                          scale: float) -> torch.Tensor:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from guidekit.guidance.base import GuidanceContext, WeightedGuidance, per_sample_dot
+from guidekit.parameterization import check_space
 
 
 @dataclass(eq=True)
@@ -40,6 +41,7 @@ class CFGZeroStar(WeightedGuidance):
                 or self.zero_init_steps < 0:
             raise ValueError(f"zero_init_steps={self.zero_init_steps!r} is not accepted; "
                              "expected an integer >= 0")
+        check_space("space", self.space, allow_model=True)
 
     def _zeroed(self, ctx: GuidanceContext) -> bool:
         return ctx.step < self.zero_init_steps
@@ -50,7 +52,8 @@ class CFGZeroStar(WeightedGuidance):
 
     def conditional_only(self, cond: torch.Tensor, ctx: GuidanceContext) -> torch.Tensor:
         if self._zeroed(ctx):
-            return ctx.from_space(torch.zeros_like(cond), "flow")
+            x64 = ctx.x.double()
+            return ctx.level.convert(torch.zeros_like(x64), x64, "flow", ctx.model_space).to(cond.dtype)
         return cond
 
     def combine_in_space(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext,
