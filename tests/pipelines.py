@@ -9,6 +9,7 @@ import diffusers
 import torch
 from diffusers import DiffusionPipeline
 
+import guidekit
 from guidekit.bridge.schedulers import make_scheduler
 from guidekit.bridge.tiny import build_tiny_pipeline, tiny_call_kwargs
 
@@ -59,7 +60,14 @@ def count_rows(pipe: DiffusionPipeline, denoiser: str) -> tuple[list[int], Any]:
     """Record the rows the network really evaluates: a forward hook on its first layer (the patch embedding
     or input convolution), below anything guidekit wraps."""
     module = getattr(pipe, denoiser)
-    first = getattr(module, "conv_in", None) or module.pos_embed
+    first = getattr(module, "conv_in", None) or getattr(module, "x_embedder", None) or module.pos_embed
     rows: list[int] = []
     handle = first.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
     return rows, handle
+
+
+class FirstSampleOnly(guidekit.CFG):
+    """CFG for sample 0 of the batch only: a test instrument for per-sample row selection."""
+
+    def needs_unconditional(self, ctx: Any, scale: float | None = None) -> torch.Tensor:
+        return ctx.rows == 0

@@ -14,19 +14,27 @@ class Family:
         cond_first: batch order of the CFG call: ``[cond; uncond]`` (DiT) or ``[uncond; cond]``.
         scale_arg: the ``__call__`` argument that turns the unconditional branch on when ``> 1``.
         unsupported_args: ``__call__`` arguments that add denoiser calls guidekit does not handle.
+        separate_calls: the pipeline makes two calls per step, conditional then unconditional, instead
+            of one batched call (Flux's true CFG).
+        negative_args: for separate calls, the ``__call__`` arguments of which one must be given for the
+            unconditional call to happen.
+        unbatched_args: denoiser arguments that never carry the batch (token positions).
     """
 
     denoiser: str
     cond_first: bool = False
     scale_arg: str = "guidance_scale"
     unsupported_args: tuple[str, ...] = ()
+    separate_calls: bool = False
+    negative_args: tuple[str, ...] = ()
+    unbatched_args: tuple[str, ...] = ()
 
 
 _UNET = Family("unet")
 _TRANSFORMER = Family("transformer")
 _SD3 = Family("transformer", unsupported_args=("skip_guidance_layers",))
 
-#: Pipeline class name -> family. Every entry calls its denoiser once per step with the
+#: Pipeline class name -> family. Every entry but Flux calls its denoiser once per step with the
 #: unconditional and conditional rows batched.
 FAMILIES: dict[str, Family] = {
     **dict.fromkeys((
@@ -41,6 +49,10 @@ FAMILIES: dict[str, Family] = {
     **dict.fromkeys(("PixArtAlphaPipeline", "PixArtSigmaPipeline", "SanaPipeline"), _TRANSFORMER),
     **dict.fromkeys(("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
                      "StableDiffusion3InpaintPipeline"), _SD3),
+    # Flux's guidance_scale is a distilled embedding; true CFG is two calls per step with a negative prompt.
+    "FluxPipeline": Family("transformer", scale_arg="true_cfg_scale", separate_calls=True,
+                           negative_args=("negative_prompt", "negative_prompt_embeds"),
+                           unbatched_args=("txt_ids", "img_ids")),
 }
 
 

@@ -77,6 +77,12 @@ def _check_call(pipe: DiffusionPipeline, family: Family, guidance: Guidance,
         raise ValueError(f"{family.scale_arg}={scale!r} is not accepted while guidance {guidance!r} is set: the "
                          f"pipeline computes unconditional predictions only when {family.scale_arg} > 1 "
                          "(its value is otherwise ignored under set_guidance)")
+    if family.negative_args and batched and all(arguments.get(a) is None for a in family.negative_args):
+        if guidance.uses_unconditional:
+            raise ValueError(f"{family.negative_args[0]}=None is not accepted while guidance {guidance!r} is set: "
+                             f"the pipeline makes its unconditional call only with {family.scale_arg} > 1 and a "
+                             f"negative prompt (expected one of {', '.join(family.negative_args)})")
+        batched = False
     rescale = arguments.get("guidance_rescale") or 0.0
     if rescale > 0:
         raise ValueError(f"guidance_rescale={rescale!r} is not accepted while a guidance is set; expected 0 "
@@ -97,7 +103,8 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, args: tuple, kwarg
     denoiser = getattr(pipe, family.denoiser)
     had_forward = "forward" in denoiser.__dict__
     saved_forward = denoiser.__dict__.get("forward")
-    proxy = GuidedDenoiser(denoiser.forward, guidance, family, pipe.scheduler, batched)
+    proxy = GuidedDenoiser(denoiser.forward, guidance, family, pipe.scheduler, batched,
+                           float(bound.arguments.get(family.scale_arg) or 1.0))
     denoiser.forward = proxy
     try:
         return original_call(pipe, *args, **kwargs)

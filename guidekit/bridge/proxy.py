@@ -10,7 +10,7 @@ rows only, combines them, and hands the pipeline ``[g; g]``. The pipeline's own 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,7 +25,8 @@ class GuidanceStats:
     """Network work of the last guided pipeline call.
 
     Attributes:
-        model_calls: denoiser calls.
+        model_calls: forward passes of the network (a batched CFG call is one; Flux's true CFG makes two
+            per step unless no sample needs the unconditional branch).
         cond_rows / uncond_rows: rows evaluated by the network, per branch.
         cond_rows_skipped / uncond_rows_skipped: rows that native CFG would have evaluated and the
             guidance did not need.
@@ -72,70 +73,118 @@ class GuidedDenoiser:
         guidance: the guidance to apply.
         family: how the pipeline batches the call.
         scheduler: the pipeline's scheduler, read at every call.
-        batched: whether the pipeline batches unconditional rows (its ``guidance_scale > 1``).
+        batched: whether the pipeline evaluates the unconditional branch at all (its scale ``> 1``).
+        pipeline_scale: the pipeline's own guidance scale (needed for separate-call pipelines).
     """
 
     def __init__(self, forward: Callable[..., Any], guidance: Guidance, family: Family, scheduler: Any,
-                 batched: bool) -> None:
+                 batched: bool, pipeline_scale: float = 1.0) -> None:
         self.forward = forward
         self.guidance = guidance
         self.family = family
         self.scheduler = scheduler
         self.batched = batched
+        self.pipeline_scale = pipeline_scale
         self.stats = GuidanceStats()
         self._step = -1
         self._step_sigma = float("nan")
         self._tau = float("nan")
-
-    def _halves(self, n: int, device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor]:
-        if not self.batched:
-            return n, torch.arange(n, device=device), torch.arange(0, device=device)
-        if n % 2:
-            raise RuntimeError(f"guidekit expected a CFG batch of even size, got {n} rows")
-        b = n // 2
-        first, second = torch.arange(b, device=device), torch.arange(b, n, device=device)
-        return (b, first, second) if self.family.cond_first else (b, second, first)
+        self._pending: tuple[GuidanceContext, torch.Tensor, torch.Tensor, Any] | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        sample, timestep = _sample_and_timestep(args, kwargs)
-        n = sample.shape[0]
-        b, cond_idx, uncond_idx = self._halves(n, sample.device)
+        if self.family.separate_calls and self.batched:
+            return self._separate_call(args, kwargs)
+        return self._batched_call(args, kwargs)
+
+    def _begin(self, sample: torch.Tensor, timestep: Any, b: int) -> tuple[GuidanceContext, torch.Tensor]:
+        """Read the scheduler, advance the solver step, and ask which samples need unconditional rows."""
         state = scheduler_call(self.scheduler, timestep)
         if not state.corrector:
             self._step += 1
             self._step_sigma, self._tau = state.level.sigma, state.tau
-        if self.stats.model_calls == 0:
+        if not self.stats.uncond_rows_per_sample:
             self.guidance.reset(b)
             self.stats.uncond_rows_per_sample = [0] * b
-        ctx = GuidanceContext(x=sample[cond_idx], level=state.level, model_space=model_space(self.scheduler),
-                              step=self._step, num_steps=state.num_steps, step_sigma=self._step_sigma,
-                              tau=self._tau, corrector=state.corrector, rows=torch.arange(b, device=sample.device),
-                              batch_size=b)
-        guided = self.guidance.needs_unconditional(ctx).to(sample.device) if self.batched \
-            else torch.zeros(b, dtype=torch.bool, device=sample.device)
+        ctx = GuidanceContext(x=sample, level=state.level, model_space=model_space(self.scheduler), step=self._step,
+                              num_steps=state.num_steps, step_sigma=self._step_sigma, tau=self._tau,
+                              corrector=state.corrector, rows=torch.arange(b, device=sample.device), batch_size=b)
+        if not self.batched:
+            return ctx, torch.zeros(b, dtype=torch.bool, device=sample.device)
+        return ctx, self.guidance.needs_unconditional(ctx).to(sample.device)
+
+    def _combine(self, ctx: GuidanceContext, cond: torch.Tensor, uncond: torch.Tensor,
+                 guided: torch.Tensor) -> torch.Tensor:
+        """Guided prediction; only the first ``x`` channels are guided, the rest (learned variance) pass through."""
+        channels = min(ctx.x.shape[1], cond.shape[1])
+        ctx = replace(ctx, x=ctx.x[:, :channels])
+        pred = apply_guidance(self.guidance, cond[:, :channels], uncond[:, :channels], guided, ctx)
+        if cond.shape[1] > channels:
+            pred = torch.cat([pred, cond[:, channels:]], dim=1)
+        self._count(guided)
+        return pred
+
+    def _select(self, args: tuple, kwargs: dict, index: torch.Tensor, n: int) -> tuple[tuple, dict]:
+        kept = {k: v for k, v in kwargs.items() if k not in self.family.unbatched_args}
+        return _take(args, index, n), {**kwargs, **_take(kept, index, n)}
+
+    def _batched_call(self, args: tuple, kwargs: dict) -> Any:
+        """One call holding both branches (or only the conditional one when not batched)."""
+        sample, timestep = _sample_and_timestep(args, kwargs)
+        n = sample.shape[0]
+        if self.batched and n % 2:
+            raise RuntimeError(f"guidekit expected a CFG batch of even size, got {n} rows")
+        b = n // 2 if self.batched else n
+        first, second = torch.arange(b, device=sample.device), torch.arange(b, n, device=sample.device)
+        cond_idx, uncond_idx = (first, second) if self.family.cond_first or not self.batched else (second, first)
+        ctx, guided = self._begin(sample[cond_idx], timestep, b)
         n_guided = int(guided.sum())
         if n_guided == b and self.batched:
-            result = self.forward(*args, **kwargs)
+            result = self._forward(*args, **kwargs)
             out = _output_tensor(result)
             cond, uncond = out[cond_idx], out[uncond_idx]
         else:
             keep = uncond_idx[guided]
             index = torch.cat([cond_idx, keep] if self.family.cond_first else [keep, cond_idx])
-            result = self.forward(*_take(args, index, n), **_take(kwargs, index, n))
+            sub_args, sub_kwargs = self._select(args, kwargs, index, n)
+            result = self._forward(*sub_args, **sub_kwargs)
             out = _output_tensor(result)
             cond, uncond = (out[:b], out[b:]) if self.family.cond_first else (out[n_guided:], out[:n_guided])
-        channels = min(sample.shape[1], out.shape[1])
-        ctx = GuidanceContext(**{**ctx.__dict__, "x": ctx.x[:, :channels]})
-        pred = apply_guidance(self.guidance, cond[:, :channels], uncond[:, :channels], guided, ctx)
-        if out.shape[1] > channels:  # learned-variance channels pass through from the conditional rows
-            pred = torch.cat([pred, cond[:, channels:]], dim=1)
-        self._count(b, guided)
+        pred = self._combine(ctx, cond, uncond, guided)
         return _with_output(result, torch.cat([pred, pred]) if self.batched else pred)
 
-    def _count(self, b: int, guided: torch.Tensor) -> None:
+    def _separate_call(self, args: tuple, kwargs: dict) -> Any:
+        """Flux-style true CFG: a conditional call, then an unconditional call, per step.
+
+        The conditional call passes through and is kept. At the unconditional call only the guided
+        samples are evaluated, and the proxy returns ``u' = c + (c - d) / (s - 1)`` so that the
+        pipeline's ``u' + s (c - u')`` equals the desired prediction ``d`` (``u' = c`` for a sample
+        that is not guided).
+        """
+        sample, timestep = _sample_and_timestep(args, kwargs)
+        b = sample.shape[0]
+        if self._pending is None:
+            ctx, guided = self._begin(sample, timestep, b)
+            result = self._forward(*args, **kwargs)
+            self._pending = (ctx, guided, _output_tensor(result), result)
+            return result
+        ctx, guided, cond, result = self._pending
+        self._pending = None
+        index = guided.nonzero().flatten()
+        if len(index):
+            sub_args, sub_kwargs = self._select(args, kwargs, index, b)
+            uncond = _output_tensor(self._forward(*sub_args, **sub_kwargs))
+        else:
+            uncond = cond[:0]
+        pred = self._combine(ctx, cond, uncond, guided)
+        return _with_output(result, cond + (cond - pred) / (self.pipeline_scale - 1.0))
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.stats.model_calls += 1
+        return self.forward(*args, **kwargs)
+
+    def _count(self, guided: torch.Tensor) -> None:
         s = self.stats
-        n_guided = int(guided.sum())
-        s.model_calls += 1
+        b, n_guided = len(guided), int(guided.sum())
         s.cond_rows += b
         s.uncond_rows += n_guided
         if self.batched:

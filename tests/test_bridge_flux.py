@@ -1,0 +1,71 @@
+"""Flux's true CFG: two denoiser calls per step, cond then uncond, against the pipeline's own result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pipelines import FirstSampleOnly, count_rows, final_latents, pipeline
+
+import guidekit
+
+
+def _guided(pipe, guidance, **kwargs):
+    pipe.set_guidance(guidance)
+    try:
+        return final_latents(pipe, "flux", **kwargs), pipe.guidance_stats
+    finally:
+        pipe.set_guidance(None)
+
+
+def test_true_cfg_equals_native_and_none_restores() -> None:
+    pipe = pipeline("flux")
+    native = final_latents(pipe, "flux", true_cfg_scale=5.0, batch_size=2)
+    guided, stats = _guided(pipe, guidekit.CFG(5.0), true_cfg_scale=5.0, batch_size=2)
+    assert stats.model_calls == 8 and stats.uncond_rows == stats.cond_rows == 8
+    assert (guided - native).abs().max().item() <= 1e-5
+    assert torch.equal(final_latents(pipe, "flux", true_cfg_scale=5.0, batch_size=2), native)
+
+
+def test_pipeline_scale_does_not_change_the_result() -> None:
+    pipe = pipeline("flux")
+    native = final_latents(pipe, "flux", true_cfg_scale=3.0)
+    guided, _ = _guided(pipe, guidekit.CFG(3.0), true_cfg_scale=7.0)
+    assert (guided - native).abs().max().item() <= 1e-5
+
+
+def test_empty_interval_skips_the_unconditional_call() -> None:
+    pipe = pipeline("flux")
+    conditional_only = final_latents(pipe, "flux", true_cfg_scale=1.0, negative_prompt=None, batch_size=2)
+    rows, handle = count_rows(pipe, "transformer")
+    try:
+        out, stats = _guided(pipe, guidekit.Interval(guidekit.CFG(5.0), 1e4, 2e4), true_cfg_scale=5.0, batch_size=2)
+    finally:
+        handle.remove()
+    assert rows == [2] * 4 and stats.model_calls == 4 and stats.uncond_rows == 0
+    assert (out - conditional_only).abs().max().item() <= 1e-5
+
+
+def test_partial_guidance_evaluates_only_guided_rows() -> None:
+    pipe = pipeline("flux")
+    cfg = final_latents(pipe, "flux", true_cfg_scale=5.0, batch_size=2)
+    conditional_only = final_latents(pipe, "flux", true_cfg_scale=1.0, negative_prompt=None, batch_size=2)
+    rows, handle = count_rows(pipe, "transformer")
+    try:
+        out, stats = _guided(pipe, FirstSampleOnly(5.0), true_cfg_scale=5.0, batch_size=2)
+    finally:
+        handle.remove()
+    assert rows == [2, 1] * 4 and stats.uncond_rows_per_sample == [4, 0]
+    assert (out[0] - cfg[0]).abs().max().item() <= 1e-5
+    assert (out[1] - conditional_only[1]).abs().max().item() <= 1e-5
+
+
+def test_missing_negative_prompt_is_an_error() -> None:
+    pipe = pipeline("flux")
+    pipe.set_guidance(guidekit.CFG(5.0))
+    try:
+        with pytest.raises(ValueError, match=r"negative_prompt=None is not accepted.*true_cfg_scale > 1"):
+            final_latents(pipe, "flux", true_cfg_scale=5.0, negative_prompt=None, steps=2)
+        with pytest.raises(ValueError, match=r"true_cfg_scale=1\.0 is not accepted"):
+            final_latents(pipe, "flux", true_cfg_scale=1.0, steps=2)
+    finally:
+        pipe.set_guidance(None)
