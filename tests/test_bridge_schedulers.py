@@ -8,7 +8,7 @@ import pytest
 import torch
 from pipelines import pipeline
 
-from guidekit.bridge.schedulers import make_scheduler, model_space, scheduler_call
+from guidekit.bridge.schedulers import SchedulerReader, make_scheduler, model_space
 
 # Schedulers whose step() returns the x0 it used, or stores it as its latest model output.
 ORACLE_SCHEDULERS = ("ddim", "ddpm", "euler", "euler_a", "heun", "kdpm2", "kdpm2_a", "lms", "dpmpp_2m", "dpmpp_2s",
@@ -20,10 +20,12 @@ def _record(pipe: Any, steps: int) -> list[dict[str, Any]]:
     calls: list[dict[str, Any]] = []
     sched = pipe.scheduler
     step = sched.step
+    readers: list[SchedulerReader] = []
 
     def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
-        state = scheduler_call(sched, args[1])
-        calls.append({"x_t": args[0].clone(), "state": state})
+        if not readers:  # made at the first call, after the pipeline's set_timesteps, as the bridge does
+            readers.append(SchedulerReader(sched))
+        calls.append({"x_t": args[0].clone(), "state": readers[0](args[1])})
 
     def spy_step(model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         return_dict = kwargs.pop("return_dict", True)
@@ -84,9 +86,12 @@ def test_flow_level_is_the_transformer_timestep() -> None:
     """SD3 hands the transformer t * 1000 with t the flow time: our s must equal it."""
     pipe = pipeline("sd3")
     seen: list[tuple[float, float]] = []
+    readers: list[SchedulerReader] = []
 
     def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
-        seen.append((scheduler_call(pipe.scheduler, kwargs["timestep"]).level.s, float(kwargs["timestep"][0]) / 1000))
+        if not readers:
+            readers.append(SchedulerReader(pipe.scheduler))
+        seen.append((readers[0](kwargs["timestep"]).level.s, float(kwargs["timestep"][0]) / 1000))
 
     handle = pipe.transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from guidekit.bridge.families import Family
-from guidekit.bridge.schedulers import model_space, scheduler_call
+from guidekit.bridge.schedulers import SchedulerReader, model_space
 from guidekit.guidance.base import Guidance, GuidanceContext, apply_guidance
 
 
@@ -46,10 +46,12 @@ class GuidanceStats:
         return self.cond_rows + self.uncond_rows
 
 
-def _take(value: Any, index: torch.Tensor, n: int) -> Any:
+def _take(value: Any, index: slice | torch.Tensor, n: int) -> Any:
     """Select ``index`` along the batch axis of every tensor in ``value`` whose batch is ``n``."""
     if isinstance(value, torch.Tensor):
-        return value[index.to(value.device)] if value.ndim > 0 and value.shape[0] == n else value
+        if value.ndim == 0 or value.shape[0] != n:
+            return value
+        return value[index] if isinstance(index, slice) else value[index.to(value.device)]
     if isinstance(value, dict):
         return {k: _take(v, index, n) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -86,6 +88,10 @@ class GuidedDenoiser:
         self.batched = batched
         self.pipeline_scale = pipeline_scale
         self.stats = GuidanceStats()
+        self._reader: SchedulerReader | None = None
+        self._rows = torch.arange(0)
+        self._channels: int | None = None  # guided channels, known after the first call
+        self._space = model_space(scheduler)
         self._step = -1
         self._step_sigma = float("nan")
         self._tau = float("nan")
@@ -98,32 +104,39 @@ class GuidedDenoiser:
 
     def _begin(self, sample: torch.Tensor, timestep: Any, b: int) -> tuple[GuidanceContext, torch.Tensor]:
         """Read the scheduler, advance the solver step, and ask which samples need unconditional rows."""
-        state = scheduler_call(self.scheduler, timestep)
+        if self._reader is None:  # first call: the pipeline has set its timesteps
+            self._reader = SchedulerReader(self.scheduler)
+            self._rows = torch.arange(b)
+            self.guidance.reset(b)
+            self.stats.uncond_rows_per_sample = [0] * b
+        state = self._reader(timestep)
         if not state.corrector:
             self._step += 1
             self._step_sigma, self._tau = state.level.sigma, state.tau
-        if not self.stats.uncond_rows_per_sample:
-            self.guidance.reset(b)
-            self.stats.uncond_rows_per_sample = [0] * b
-        ctx = GuidanceContext(x=sample, level=state.level, model_space=model_space(self.scheduler), step=self._step,
+        if self._channels is not None:
+            sample = sample[:, :self._channels]
+        ctx = GuidanceContext(x=sample, level=state.level, model_space=self._space, step=self._step,
                               num_steps=state.num_steps, step_sigma=self._step_sigma, tau=self._tau,
-                              corrector=state.corrector, rows=torch.arange(b, device=sample.device), batch_size=b)
+                              corrector=state.corrector, rows=self._rows, batch_size=b)
         if not self.batched:
-            return ctx, torch.zeros(b, dtype=torch.bool, device=sample.device)
-        return ctx, self.guidance.needs_unconditional(ctx).to(sample.device)
+            return ctx, torch.zeros(b, dtype=torch.bool)
+        return ctx, self.guidance.needs_unconditional(ctx)
 
-    def _combine(self, ctx: GuidanceContext, cond: torch.Tensor, uncond: torch.Tensor,
-                 guided: torch.Tensor) -> torch.Tensor:
+    def _combine(self, ctx: GuidanceContext, cond: torch.Tensor, uncond: torch.Tensor, guided: torch.Tensor,
+                 n_guided: int) -> torch.Tensor:
         """Guided prediction; only the first ``x`` channels are guided, the rest (learned variance) pass through."""
-        channels = min(ctx.x.shape[1], cond.shape[1])
-        ctx = replace(ctx, x=ctx.x[:, :channels])
-        pred = apply_guidance(self.guidance, cond[:, :channels], uncond[:, :channels], guided, ctx)
-        if cond.shape[1] > channels:
-            pred = torch.cat([pred, cond[:, channels:]], dim=1)
-        self._count(guided)
-        return pred
+        self._count(guided, n_guided)
+        if self._channels is None:
+            self._channels = min(ctx.x.shape[1], cond.shape[1])
+        if ctx.x.shape[1] != self._channels:
+            ctx = replace(ctx, x=ctx.x[:, :self._channels])
+        if cond.shape[1] == self._channels:
+            return apply_guidance(self.guidance, cond, uncond, guided, ctx)
+        c = self._channels
+        pred = apply_guidance(self.guidance, cond[:, :c], uncond[:, :c], guided, ctx)
+        return torch.cat([pred, cond[:, c:]], dim=1)
 
-    def _select(self, args: tuple, kwargs: dict, index: torch.Tensor, n: int) -> tuple[tuple, dict]:
+    def _select(self, args: tuple, kwargs: dict, index: slice | torch.Tensor, n: int) -> tuple[tuple, dict]:
         kept = {k: v for k, v in kwargs.items() if k not in self.family.unbatched_args}
         return _take(args, index, n), {**kwargs, **_take(kept, index, n)}
 
@@ -134,22 +147,26 @@ class GuidedDenoiser:
         if self.batched and n % 2:
             raise RuntimeError(f"guidekit expected a CFG batch of even size, got {n} rows")
         b = n // 2 if self.batched else n
-        first, second = torch.arange(b, device=sample.device), torch.arange(b, n, device=sample.device)
-        cond_idx, uncond_idx = (first, second) if self.family.cond_first or not self.batched else (second, first)
-        ctx, guided = self._begin(sample[cond_idx], timestep, b)
+        first, second = slice(0, b), slice(b, n)
+        cond_rows, uncond_rows = (first, second) if self.family.cond_first or not self.batched else (second, first)
+        ctx, guided = self._begin(sample[cond_rows], timestep, b)
         n_guided = int(guided.sum())
-        if n_guided == b and self.batched:
+        if n_guided == b and self.batched:  # every row, in the pipeline's own batch: native arithmetic
             result = self._forward(*args, **kwargs)
             out = _output_tensor(result)
-            cond, uncond = out[cond_idx], out[uncond_idx]
+            cond, uncond = out[cond_rows], out[uncond_rows]
         else:
-            keep = uncond_idx[guided]
-            index = torch.cat([cond_idx, keep] if self.family.cond_first else [keep, cond_idx])
+            if n_guided == 0:
+                index: slice | torch.Tensor = cond_rows
+            else:
+                keep = guided.nonzero().flatten() + uncond_rows.start
+                cond_idx = torch.arange(cond_rows.start, cond_rows.stop)
+                index = torch.cat([cond_idx, keep] if self.family.cond_first else [keep, cond_idx])
             sub_args, sub_kwargs = self._select(args, kwargs, index, n)
             result = self._forward(*sub_args, **sub_kwargs)
             out = _output_tensor(result)
             cond, uncond = (out[:b], out[b:]) if self.family.cond_first else (out[n_guided:], out[:n_guided])
-        pred = self._combine(ctx, cond, uncond, guided)
+        pred = self._combine(ctx, cond, uncond, guided, n_guided)
         return _with_output(result, torch.cat([pred, pred]) if self.batched else pred)
 
     def _separate_call(self, args: tuple, kwargs: dict) -> Any:
@@ -169,28 +186,32 @@ class GuidedDenoiser:
             return result
         ctx, guided, cond, result = self._pending
         self._pending = None
-        index = guided.nonzero().flatten()
-        if len(index):
-            sub_args, sub_kwargs = self._select(args, kwargs, index, b)
+        n_guided = int(guided.sum())
+        if n_guided == b:
+            uncond = _output_tensor(self._forward(*args, **kwargs))
+        elif n_guided:
+            sub_args, sub_kwargs = self._select(args, kwargs, guided.nonzero().flatten(), b)
             uncond = _output_tensor(self._forward(*sub_args, **sub_kwargs))
         else:
             uncond = cond[:0]
-        pred = self._combine(ctx, cond, uncond, guided)
+        pred = self._combine(ctx, cond, uncond, guided, n_guided)
         return _with_output(result, cond + (cond - pred) / (self.pipeline_scale - 1.0))
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         self.stats.model_calls += 1
         return self.forward(*args, **kwargs)
 
-    def _count(self, guided: torch.Tensor) -> None:
+    def _count(self, guided: torch.Tensor, n_guided: int) -> None:
         s = self.stats
-        b, n_guided = len(guided), int(guided.sum())
+        b = len(guided)
         s.cond_rows += b
         s.uncond_rows += n_guided
         if self.batched:
             s.uncond_rows_skipped += b - n_guided
-        for i in guided.nonzero().flatten().tolist():
-            s.uncond_rows_per_sample[i] += 1
+        if n_guided == b:
+            s.uncond_rows_per_sample = [n + 1 for n in s.uncond_rows_per_sample]
+        elif n_guided:
+            s.uncond_rows_per_sample = [n + g for n, g in zip(s.uncond_rows_per_sample, guided.tolist(), strict=True)]
 
 
 def _output_tensor(result: Any) -> torch.Tensor:

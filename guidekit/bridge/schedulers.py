@@ -9,7 +9,10 @@ The traps (REFERENCE section 2) and how they are handled:
   first step of a loop the index is ``begin_index`` (img2img) or 0, because ``set_timesteps``
   resets it.
 * DDIM, DDPM and PNDM keep no sigmas: the call's level is ``alphas_cumprod[t]`` at the integer
-  timestep the model receives.
+  timestep of the call, found by counting calls from the first call's timestep (PNDM's repeated
+  timestep is one call per entry, like every other entry).
+* ``scheduler.timesteps`` lives on the accelerator: it is copied to the CPU once per pipeline call so
+  that no call waits for the device.
 * Flow schedulers (``FlowMatch*``, or DPM-Solver with ``use_flow_sigmas``) store flow time ``t`` in
   ``sigmas``.
 """
@@ -82,40 +85,51 @@ def check_scheduler(scheduler: SchedulerMixin) -> None:
     model_space(scheduler)
 
 
-def _num_steps(scheduler: SchedulerMixin) -> int:
-    n = getattr(scheduler, "num_inference_steps", None)
-    return int(n) if n else len(scheduler.timesteps)
+class SchedulerReader:
+    """Reads the scheduler's state at each denoiser call of one pipeline call.
 
-
-def _step_index(scheduler: SchedulerMixin) -> int:
-    if scheduler.step_index is not None:
-        return int(scheduler.step_index)
-    begin = getattr(scheduler, "begin_index", None)
-    return 0 if begin is None else int(begin)
-
-
-def scheduler_call(scheduler: SchedulerMixin, timestep: torch.Tensor | float) -> SchedulerCall:
-    """Read the noise level of the denoiser call being made now at ``timestep``.
-
-    ``timestep`` is the value the pipeline hands the denoiser, in the scheduler's units (only read
-    for schedulers without a sigma table).
+    Create it at the first denoiser call (after the pipeline's ``set_timesteps``). It copies the
+    schedule to the CPU once, so reading a call costs no host-device synchronisation. Schedulers
+    without a sigma table are followed by counting calls from the first call's timestep (one
+    synchronisation, at the first call).
     """
-    name = type(scheduler).__name__
-    num_train = float(scheduler.config.num_train_timesteps)
-    if SUPPORTED_SCHEDULERS[name] == _ALPHAS_CUMPROD:
-        t = int(torch.as_tensor(timestep).flatten()[0].item())
-        level = NoiseLevel.from_alphas_cumprod(float(scheduler.alphas_cumprod[t]))
-        return SchedulerCall(level, False, t / num_train, _num_steps(scheduler))
-    idx = _step_index(scheduler)
-    corrector = not getattr(scheduler, "state_in_first_order", True)
-    if corrector and hasattr(scheduler, "sigmas_interpol"):
-        offset = 1 if name == "KDPM2AncestralDiscreteScheduler" else 0
-        sigma = float(scheduler.sigmas_interpol[idx - offset])
-    else:
-        sigma = float(scheduler.sigmas[idx])
-    level = NoiseLevel.from_flow_time(sigma) if _is_flow(scheduler) else NoiseLevel.from_sigma(sigma)
-    tau = float(scheduler.timesteps[min(idx, len(scheduler.timesteps) - 1)]) / num_train
-    return SchedulerCall(level, corrector, tau, _num_steps(scheduler))
+
+    def __init__(self, scheduler: SchedulerMixin) -> None:
+        self.scheduler = scheduler
+        self.kind = SUPPORTED_SCHEDULERS[type(scheduler).__name__]
+        self.timesteps: list[float] = scheduler.timesteps.detach().to("cpu", torch.float64).tolist()
+        if self.kind == _ALPHAS_CUMPROD:
+            self.alphas_cumprod: list[float] = scheduler.alphas_cumprod.tolist()
+        self.num_train = float(scheduler.config.num_train_timesteps)
+        n = getattr(scheduler, "num_inference_steps", None)
+        self.num_steps = int(n) if n else len(self.timesteps)
+        self.flow = _is_flow(scheduler)
+        self.interpolated_offset = 1 if type(scheduler).__name__ == "KDPM2AncestralDiscreteScheduler" else 0
+        self._calls = 0
+        self._first_index: int | None = None
+
+    def __call__(self, timestep: torch.Tensor | float) -> SchedulerCall:
+        """The state at the denoiser call being made now at ``timestep`` (the scheduler's units)."""
+        if self.kind == _ALPHAS_CUMPROD:
+            if self._first_index is None:
+                self._first_index = self.timesteps.index(float(torch.as_tensor(timestep).flatten()[0]))
+            t = int(self.timesteps[self._first_index + self._calls])
+            self._calls += 1
+            level = NoiseLevel.from_alphas_cumprod(self.alphas_cumprod[t])
+            return SchedulerCall(level, False, t / self.num_train, self.num_steps)
+        scheduler = self.scheduler
+        if scheduler.step_index is not None:
+            idx = int(scheduler.step_index)
+        else:  # set_timesteps reset it and no step() ran yet: the loop's first step
+            idx = 0 if scheduler.begin_index is None else int(scheduler.begin_index)
+        corrector = not getattr(scheduler, "state_in_first_order", True)
+        if corrector and hasattr(scheduler, "sigmas_interpol"):
+            sigma = float(scheduler.sigmas_interpol[idx - self.interpolated_offset])
+        else:
+            sigma = float(scheduler.sigmas[idx])
+        level = NoiseLevel.from_flow_time(sigma) if self.flow else NoiseLevel.from_sigma(sigma)
+        tau = float(self.timesteps[min(idx, len(self.timesteps) - 1)]) / self.num_train
+        return SchedulerCall(level, corrector, tau, self.num_steps)
 
 
 #: Short scheduler names (for the command line) -> (diffusers class name, config overrides).

@@ -56,10 +56,10 @@ class AdaptiveGuidance(GuidanceWrapper):
     def _last(self, ctx: GuidanceContext) -> torch.Tensor:
         if self._last_step is None or len(self._last_step) != ctx.batch_size:
             self.reset(ctx.batch_size)
-        return self._last_step[ctx.rows.cpu()]  # type: ignore[index]
+        return self._last_step[ctx.rows]  # type: ignore[index]
 
     def needs_unconditional(self, ctx: GuidanceContext, scale: float | None = None) -> torch.Tensor:
-        still = (ctx.step <= self._last(ctx)).to(ctx.rows.device)
+        still = ctx.step <= self._last(ctx)
         return self.inner.needs_unconditional(ctx, scale) & still
 
     def similarity(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext) -> torch.Tensor:
@@ -72,6 +72,6 @@ class AdaptiveGuidance(GuidanceWrapper):
                 scale: float | None = None) -> torch.Tensor:
         switch = (self.similarity(cond, uncond, ctx) >= self.threshold).cpu()
         if switch.any():
-            rows = ctx.rows.cpu()[switch]
+            rows = ctx.rows[switch]
             self._last_step[rows] = torch.clamp(self._last_step[rows], max=ctx.step)  # type: ignore[index]
         return self.inner.combine(cond, uncond, ctx, scale)

@@ -34,7 +34,7 @@ class GuidanceContext:
             for corrector calls).
         tau: normalised time of the step, 1 at pure noise and 0 at the data (``t / T``).
         corrector: whether this is the second (corrector) call of a solver step.
-        rows: indices, within the pipeline batch, of the samples in ``x``.
+        rows: indices (a CPU tensor), within the pipeline batch, of the samples in ``x``.
         batch_size: the number of samples in the pipeline batch.
     """
 
@@ -55,8 +55,8 @@ class GuidanceContext:
         return self.level.sigma
 
     def subset(self, rows: torch.Tensor) -> GuidanceContext:
-        """The context restricted to ``rows`` (positions into this context's rows)."""
-        return replace(self, x=self.x[rows], rows=self.rows[rows])
+        """The context restricted to ``rows`` (CPU positions into this context's rows)."""
+        return replace(self, x=self.x[rows.to(self.x.device)], rows=self.rows[rows])
 
     def to_space(self, y: torch.Tensor, space: str) -> torch.Tensor:
         """Convert a model-space prediction of these rows into ``space``."""
@@ -101,7 +101,7 @@ class Guidance:
 
         ``scale`` overrides the method's own weight, as in :meth:`combine`.
         """
-        return torch.ones(len(ctx.rows), dtype=torch.bool)
+        return torch.ones(len(ctx.rows), dtype=torch.bool)  # on the CPU, like every mask
 
     def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext,
                 scale: float | None = None) -> torch.Tensor:
@@ -182,16 +182,18 @@ def apply_guidance(guidance: Guidance, cond: torch.Tensor, uncond: torch.Tensor,
         guidance: the method.
         cond: conditional predictions of every sample, model space, ``(B, ...)``.
         uncond: unconditional predictions of the guided samples only, ``(guided.sum(), ...)``.
-        guided: boolean mask ``(B,)``: the samples whose unconditional prediction was computed.
+        guided: boolean CPU mask ``(B,)``: the samples whose unconditional prediction was computed.
         ctx: the call's context over all ``B`` samples.
     """
+    n_guided = len(uncond)
+    if n_guided == len(guided):
+        return guidance.combine(cond, uncond, ctx).to(cond.dtype)
+    if n_guided == 0:
+        return guidance.conditional_only(cond, ctx).to(cond.dtype)
+    idx, rest = guided.nonzero().squeeze(1), (~guided).nonzero().squeeze(1)
     out = torch.empty_like(cond)
-    idx = guided.nonzero().squeeze(1)
-    rest = (~guided).nonzero().squeeze(1)
-    if len(idx):
-        out[idx] = guidance.combine(cond[idx], uncond, ctx.subset(idx)).to(out.dtype)
-    if len(rest):
-        out[rest] = guidance.conditional_only(cond[rest], ctx.subset(rest)).to(out.dtype)
+    out[idx.to(cond.device)] = guidance.combine(cond[idx.to(cond.device)], uncond, ctx.subset(idx)).to(out.dtype)
+    out[rest.to(cond.device)] = guidance.conditional_only(cond[rest.to(cond.device)], ctx.subset(rest)).to(out.dtype)
     return out
 
 
