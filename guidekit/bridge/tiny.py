@@ -59,6 +59,7 @@ from transformers import (
 __all__ = [
     "DEFAULT_SAMPLE_SIZE",
     "FAMILIES",
+    "build_sd15_architecture_pipeline",
     "build_tiny_controlnet_pipeline",
     "build_tiny_pipeline",
     "tiny_call_kwargs",
@@ -171,6 +172,34 @@ def tiny_call_kwargs(family: str, batch_size: int = 1, *, sample_size: int | Non
     if family == "flux":
         kwargs["negative_prompt"] = ["a blurry photo"] * batch_size
     return kwargs
+
+
+def build_sd15_architecture_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """Stable Diffusion 1.5's architecture at full size (UNet 860M, VAE, CLIP ViT-L/14 text encoder) with random
+    weights, built offline: for GPU benchmarks where speed and memory, not image quality, matter.
+
+    The text encoder has CLIP-L's shape with the character-level vocabulary of the tiny pipelines.
+    """
+    vae = _init(seed, AutoencoderKL, in_channels=3, out_channels=3, latent_channels=4, sample_size=512,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+                scaling_factor=0.18215)
+    unet = _init(seed + 1, UNet2DConditionModel, sample_size=64, in_channels=4, out_channels=4,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
+                 cross_attention_dim=768, norm_num_groups=32)
+    text_config = CLIPTextConfig(vocab_size=2 + 2 * len(_CHARS), hidden_size=768, intermediate_size=3072,
+                                 projection_dim=768, num_hidden_layers=12, num_attention_heads=12,
+                                 max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=1,
+                                 pad_token_id=1)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=_init(seed + 2, CLIPTextModel, text_config), tokenizer=_clip_tokenizer(), unet=unet,
+        scheduler=_sd_scheduler("epsilon"), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
 def _check_size(family: str, sample_size: int | None) -> int:
@@ -333,9 +362,9 @@ def _unet(seed: int, size: int, cross_attention_dim: int, **extra: Any) -> UNet2
     )
 
 
-def _build_sd(seed: int, size: int, prediction_type: str) -> StableDiffusionPipeline:
-    """SD 1.5 ("epsilon") or SD 2.x ("v_prediction") layout with DDIM."""
-    scheduler = DDIMScheduler(
+def _sd_scheduler(prediction_type: str) -> DDIMScheduler:
+    """DDIM with Stable Diffusion 1.5's training schedule."""
+    return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -345,6 +374,11 @@ def _build_sd(seed: int, size: int, prediction_type: str) -> StableDiffusionPipe
         clip_sample=False,
         prediction_type=prediction_type,
     )
+
+
+def _build_sd(seed: int, size: int, prediction_type: str) -> StableDiffusionPipeline:
+    """SD 1.5 ("epsilon") or SD 2.x ("v_prediction") layout with DDIM."""
+    scheduler = _sd_scheduler(prediction_type)
     return StableDiffusionPipeline(
         vae=_autoencoder_kl(seed + 1, size, latent_channels=4, scaling_factor=0.18215),
         text_encoder=_clip_text_encoder(seed + 2, projection=False),
