@@ -124,17 +124,20 @@ class GuidedDenoiser:
 
     def _combine(self, ctx: GuidanceContext, cond: torch.Tensor, uncond: torch.Tensor, guided: torch.Tensor,
                  n_guided: int) -> torch.Tensor:
-        """Guided prediction; only the first ``x`` channels are guided, the rest (learned variance) pass through."""
+        """Guided prediction of the guided channels (the first ``x`` channels; any further output channels are
+        learned variance, which the caller passes through from the conditional rows)."""
         self._count(guided, n_guided)
         if self._channels is None:
             self._channels = min(ctx.x.shape[1], cond.shape[1])
-        if ctx.x.shape[1] != self._channels:
-            ctx = replace(ctx, x=ctx.x[:, :self._channels])
-        if cond.shape[1] == self._channels:
-            return apply_guidance(self.guidance, cond, uncond, guided, ctx)
         c = self._channels
-        pred = apply_guidance(self.guidance, cond[:, :c], uncond[:, :c], guided, ctx)
-        return torch.cat([pred, cond[:, c:]], dim=1)
+        if ctx.x.shape[1] != c:
+            ctx = replace(ctx, x=ctx.x[:, :c])
+        return apply_guidance(self.guidance, cond[:, :c], uncond[:, :c], guided, ctx)
+
+    @staticmethod
+    def _full(pred: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``pred`` with the conditional rows' learned-variance channels appended, if the model has any."""
+        return pred if pred.shape[1] == cond.shape[1] else torch.cat([pred, cond[:, pred.shape[1]:]], dim=1)
 
     def _select(self, args: tuple, kwargs: dict, index: slice | torch.Tensor, n: int) -> tuple[tuple, dict]:
         kept = {k: v for k, v in kwargs.items() if k not in self.family.unbatched_args}
@@ -154,19 +157,20 @@ class GuidedDenoiser:
         if n_guided == b and self.batched:  # every row, in the pipeline's own batch: native arithmetic
             result = self._forward(*args, **kwargs)
             out = _output_tensor(result)
-            cond, uncond = out[cond_rows], out[uncond_rows]
+            cond = out[cond_rows]
+            pred = self._full(self._combine(ctx, cond, out[uncond_rows], guided, n_guided), cond)
+            return _with_output(result, torch.cat([pred, pred]))  # never written into the network's buffer
+        if n_guided == 0:
+            index: slice | torch.Tensor = cond_rows
         else:
-            if n_guided == 0:
-                index: slice | torch.Tensor = cond_rows
-            else:
-                keep = guided.nonzero().flatten() + uncond_rows.start
-                cond_idx = torch.arange(cond_rows.start, cond_rows.stop)
-                index = torch.cat([cond_idx, keep] if self.family.cond_first else [keep, cond_idx])
-            sub_args, sub_kwargs = self._select(args, kwargs, index, n)
-            result = self._forward(*sub_args, **sub_kwargs)
-            out = _output_tensor(result)
-            cond, uncond = (out[:b], out[b:]) if self.family.cond_first else (out[n_guided:], out[:n_guided])
-        pred = self._combine(ctx, cond, uncond, guided, n_guided)
+            keep = guided.nonzero().flatten() + uncond_rows.start
+            cond_idx = torch.arange(cond_rows.start, cond_rows.stop)
+            index = torch.cat([cond_idx, keep] if self.family.cond_first else [keep, cond_idx])
+        sub_args, sub_kwargs = self._select(args, kwargs, index, n)
+        result = self._forward(*sub_args, **sub_kwargs)
+        out = _output_tensor(result)
+        cond, uncond = (out[:b], out[b:]) if self.family.cond_first else (out[n_guided:], out[:n_guided])
+        pred = self._full(self._combine(ctx, cond, uncond, guided, n_guided), cond)
         return _with_output(result, torch.cat([pred, pred]) if self.batched else pred)
 
     def _separate_call(self, args: tuple, kwargs: dict) -> Any:
@@ -194,7 +198,7 @@ class GuidedDenoiser:
             uncond = _output_tensor(self._forward(*sub_args, **sub_kwargs))
         else:
             uncond = cond[:0]
-        pred = self._combine(ctx, cond, uncond, guided, n_guided)
+        pred = self._full(self._combine(ctx, cond, uncond, guided, n_guided), cond)
         return _with_output(result, cond + (cond - pred) / (self.pipeline_scale - 1.0))
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -104,6 +104,12 @@ class SchedulerReader:
         n = getattr(scheduler, "num_inference_steps", None)
         self.num_steps = int(n) if n else len(self.timesteps)
         self.flow = _is_flow(scheduler)
+        # Resolved once: a missing attribute costs a formatted error message in diffusers' ConfigMixin.
+        self.two_calls_per_step = hasattr(scheduler, "state_in_first_order")
+        self.interpolated = hasattr(scheduler, "sigmas_interpol")
+        if self.kind == _SIGMA_TABLE:
+            self.sigmas: list[float] = scheduler.sigmas.tolist()
+            self.sigmas_interpol: list[float] = scheduler.sigmas_interpol.tolist() if self.interpolated else []
         self.interpolated_offset = 1 if type(scheduler).__name__ == "KDPM2AncestralDiscreteScheduler" else 0
         self._calls = 0
         self._first_index: int | None = None
@@ -122,11 +128,11 @@ class SchedulerReader:
             idx = int(scheduler.step_index)
         else:  # set_timesteps reset it and no step() ran yet: the loop's first step
             idx = 0 if scheduler.begin_index is None else int(scheduler.begin_index)
-        corrector = not getattr(scheduler, "state_in_first_order", True)
-        if corrector and hasattr(scheduler, "sigmas_interpol"):
-            sigma = float(scheduler.sigmas_interpol[idx - self.interpolated_offset])
+        corrector = self.two_calls_per_step and not scheduler.state_in_first_order
+        if corrector and self.interpolated:
+            sigma = self.sigmas_interpol[idx - self.interpolated_offset]
         else:
-            sigma = float(scheduler.sigmas[idx])
+            sigma = self.sigmas[idx]
         level = NoiseLevel.from_flow_time(sigma) if self.flow else NoiseLevel.from_sigma(sigma)
         tau = float(self.timesteps[min(idx, len(self.timesteps) - 1)]) / self.num_train
         return SchedulerCall(level, corrector, tau, self.num_steps)

@@ -6,6 +6,7 @@ from guidekit.guidance.base import Guidance, GuidanceContext, apply_guidance
 from guidekit.guidance.cfg import CFG
 from guidekit.guidance.cfg_zero import CFGZeroStar
 from guidekit.guidance.interval import Interval
+from guidekit.guidance.linear_ag import LinearAG, LinearAGFit, PredictionRecorder, fit_linear_ag
 from guidekit.guidance.schedules import SCHEDULES, Scheduled, schedule_weight
 from guidekit.guidance.spec import GuidanceSyntaxError, format_guidance, parse_guidance
 
@@ -19,8 +20,12 @@ __all__ = [
     "GuidanceContext",
     "GuidanceSyntaxError",
     "Interval",
+    "LinearAG",
+    "LinearAGFit",
+    "PredictionRecorder",
     "Scheduled",
     "apply_guidance",
+    "fit_linear_ag",
     "format_guidance",
     "parse_guidance",
     "schedule_weight",

@@ -107,7 +107,8 @@ class Guidance:
                 scale: float | None = None) -> torch.Tensor:
         """Guided prediction (model space) of the samples in ``ctx.rows`` from both predictions.
 
-        ``scale`` overrides the method's own weight (used by weight schedules).
+        ``scale`` overrides the method's own weight (used by weight schedules). ``cond`` and ``uncond`` may
+        be views of the network's output: copy what is kept beyond the call.
         """
         raise NotImplementedError
 
