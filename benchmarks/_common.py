@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -23,6 +24,16 @@ def machine() -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     return (f"{datetime.date.today().isoformat()}, {device}, {platform.machine()}, torch {torch.__version__}, "
             f"diffusers {diffusers.__version__}, {torch.get_num_threads()} torch threads")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, steps: int, repeats: int) -> None:
+    """The options every pipeline benchmark takes."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--scale", type=float, default=5.0, help="guidance weight")
+    parser.add_argument("--batch", type=int, default=1, help="images per call")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
 
 
 def sync(device: str) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import interleaved, load, machine, median, output_type
+from _common import add_common_arguments, interleaved, load, machine, median, output_type
 
 import guidekit
 from guidekit.bridge.tiny import FAMILIES
@@ -21,12 +21,7 @@ from guidekit.bridge.tiny import FAMILIES
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", default=[f for f in FAMILIES if f != "sd-v"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--scale", type=float, default=5.0)
-    parser.add_argument("--batch", type=int, default=1, help="images per call")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    add_common_arguments(parser, steps=20, repeats=15)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import interleaved, load, machine, median, output_type
+from _common import add_common_arguments, interleaved, load, machine, median, output_type
 
 import guidekit
 from guidekit.bridge.schedulers import SCHEDULER_NAMES, make_scheduler
@@ -22,14 +22,9 @@ from guidekit.bridge.schedulers import SCHEDULER_NAMES, make_scheduler
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="sdxl")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=32)
+    add_common_arguments(parser, steps=32, repeats=7)
     parser.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), default="euler")
     parser.add_argument("--karras", action="store_true", help="Karras sigmas (the EDM schedule of the paper)")
-    parser.add_argument("--scale", type=float, default=5.0)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--batch", type=int, default=1, help="images per call")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pipe, call = load(args.model, args.device, args.batch)

@@ -56,6 +56,15 @@ def final_latents(pipe: DiffusionPipeline, family: str, *, steps: int = 4, seed:
     return captured[0]
 
 
+def guided_latents(pipe: DiffusionPipeline, family: str, guidance: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """Final latents and ``guidance_stats`` of one call with ``guidance`` attached (detached afterwards)."""
+    pipe.set_guidance(guidance)
+    try:
+        return final_latents(pipe, family, **kwargs), pipe.guidance_stats
+    finally:
+        pipe.set_guidance(None)
+
+
 def count_rows(pipe: DiffusionPipeline, denoiser: str) -> tuple[list[int], Any]:
     """Record the rows the network really evaluates: a forward hook on its first layer (the patch embedding
     or input convolution), below anything guidekit wraps."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, LCMScheduler, UNet2DModel
-from pipelines import final_latents, pipeline
+from pipelines import final_latents, guided_latents, pipeline
 
 import guidekit
 from guidekit import cli
@@ -36,11 +36,7 @@ def test_text_form_and_objects_agree() -> None:
 
 
 def _run(pipe, guidance, **kwargs):
-    pipe.set_guidance(guidance)
-    try:
-        return final_latents(pipe, "sd", guidance_scale=5.0, **kwargs), pipe.guidance_stats
-    finally:
-        pipe.set_guidance(None)
+    return guided_latents(pipe, "sd", guidance, guidance_scale=5.0, **kwargs)
 
 
 def test_save_pretrained_while_guided(tmp_path: Path) -> None:

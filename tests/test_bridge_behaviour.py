@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pipelines import FLOW_FAMILIES, VP_FAMILIES, FirstSampleOnly, count_rows, final_latents, pipeline
+from pipelines import (
+    FLOW_FAMILIES,
+    VP_FAMILIES,
+    FirstSampleOnly,
+    count_rows,
+    final_latents,
+    guided_latents,
+    pipeline,
+)
 
 import guidekit
 from guidekit.bridge.schedulers import make_scheduler
 
 
 def _guided(pipe, guidance, family="sd", **kwargs):
-    pipe.set_guidance(guidance)
-    try:
-        out = final_latents(pipe, family, **kwargs)
-        return out, pipe.guidance_stats
-    finally:
-        pipe.set_guidance(None)
+    return guided_latents(pipe, family, guidance, **kwargs)
 
 
 @pytest.mark.parametrize("family", ["sd", "dit", "sd3"])

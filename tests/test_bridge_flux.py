@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pipelines import FirstSampleOnly, count_rows, final_latents, pipeline
+from pipelines import FirstSampleOnly, count_rows, final_latents, guided_latents, pipeline
 
 import guidekit
-
-
-def _guided(pipe, guidance, **kwargs):
-    pipe.set_guidance(guidance)
-    try:
-        return final_latents(pipe, "flux", **kwargs), pipe.guidance_stats
-    finally:
-        pipe.set_guidance(None)
 
 
 def test_true_cfg_equals_native_and_none_restores() -> None:
     pipe = pipeline("flux")
     native = final_latents(pipe, "flux", true_cfg_scale=5.0, batch_size=2)
-    guided, stats = _guided(pipe, guidekit.CFG(5.0), true_cfg_scale=5.0, batch_size=2)
+    guided, stats = guided_latents(pipe, "flux", guidekit.CFG(5.0), true_cfg_scale=5.0, batch_size=2)
     assert stats.model_calls == 8 and stats.uncond_rows == stats.cond_rows == 8
     assert (guided - native).abs().max().item() <= 1e-5
     assert torch.equal(final_latents(pipe, "flux", true_cfg_scale=5.0, batch_size=2), native)
@@ -29,7 +21,7 @@ def test_true_cfg_equals_native_and_none_restores() -> None:
 def test_pipeline_scale_does_not_change_the_result() -> None:
     pipe = pipeline("flux")
     native = final_latents(pipe, "flux", true_cfg_scale=3.0)
-    guided, _ = _guided(pipe, guidekit.CFG(3.0), true_cfg_scale=7.0)
+    guided, _ = guided_latents(pipe, "flux", guidekit.CFG(3.0), true_cfg_scale=7.0)
     assert (guided - native).abs().max().item() <= 1e-5
 
 
@@ -38,7 +30,8 @@ def test_empty_interval_skips_the_unconditional_call() -> None:
     conditional_only = final_latents(pipe, "flux", true_cfg_scale=1.0, negative_prompt=None, batch_size=2)
     rows, handle = count_rows(pipe, "transformer")
     try:
-        out, stats = _guided(pipe, guidekit.Interval(guidekit.CFG(5.0), 1e4, 2e4), true_cfg_scale=5.0, batch_size=2)
+        out, stats = guided_latents(pipe, "flux", guidekit.Interval(guidekit.CFG(5.0), 1e4, 2e4), true_cfg_scale=5.0,
+                                    batch_size=2)
     finally:
         handle.remove()
     assert rows == [2] * 4 and stats.model_calls == 4 and stats.uncond_rows == 0
@@ -51,7 +44,7 @@ def test_partial_guidance_evaluates_only_guided_rows() -> None:
     conditional_only = final_latents(pipe, "flux", true_cfg_scale=1.0, negative_prompt=None, batch_size=2)
     rows, handle = count_rows(pipe, "transformer")
     try:
-        out, stats = _guided(pipe, FirstSampleOnly(5.0), true_cfg_scale=5.0, batch_size=2)
+        out, stats = guided_latents(pipe, "flux", FirstSampleOnly(5.0), true_cfg_scale=5.0, batch_size=2)
     finally:
         handle.remove()
     assert rows == [2, 1] * 4 and stats.uncond_rows_per_sample == [4, 0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pipelines import final_latents
+from pipelines import final_latents, guided_latents
 
 import guidekit
 from guidekit.bridge.tiny import build_tiny_pipeline
@@ -12,21 +12,13 @@ from guidekit.bridge.tiny import build_tiny_pipeline
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _guided(pipe, guidance, **kwargs):
-    pipe.set_guidance(guidance)
-    try:
-        return final_latents(pipe, "sd", **kwargs), pipe.guidance_stats
-    finally:
-        pipe.set_guidance(None)
-
-
 def test_fp16_cuda_cfg_is_native_bitwise() -> None:
     pipe = build_tiny_pipeline("sd", dtype=torch.float16).to("cuda")
     native = final_latents(pipe, "sd", guidance_scale=5.0)
-    guided, _ = _guided(pipe, guidekit.CFG(5.0), guidance_scale=5.0)
+    guided, _ = guided_latents(pipe, "sd", guidekit.CFG(5.0), guidance_scale=5.0)
     assert guided.dtype == torch.float16 and guided.device.type == "cuda"
     assert torch.equal(guided, native)
-    apg, _ = _guided(pipe, guidekit.Interval(guidekit.APG(5.0), 0.28, 5.42), guidance_scale=5.0)
+    apg, _ = guided_latents(pipe, "sd", guidekit.Interval(guidekit.APG(5.0), 0.28, 5.42), guidance_scale=5.0)
     assert torch.isfinite(apg).all()
 
 
@@ -35,10 +27,11 @@ def test_model_cpu_offload() -> None:
     native = final_latents(pipe.to("cuda"), "sd", guidance_scale=5.0).cpu()
     pipe = build_tiny_pipeline("sd")
     pipe.enable_model_cpu_offload()
-    guided, stats = _guided(pipe, guidekit.Interval(guidekit.CFG(5.0), 0.0, float("inf")), guidance_scale=5.0)
+    everywhere = guidekit.Interval(guidekit.CFG(5.0), 0.0, float("inf"))
+    guided, stats = guided_latents(pipe, "sd", everywhere, guidance_scale=5.0)
     assert stats.uncond_rows == 4
     assert (guided.cpu() - native).abs().max().item() <= 1e-4
-    _, stats = _guided(pipe, guidekit.Interval(guidekit.CFG(5.0), 1e4, 2e4), guidance_scale=5.0)
+    _, stats = guided_latents(pipe, "sd", guidekit.Interval(guidekit.CFG(5.0), 1e4, 2e4), guidance_scale=5.0)
     assert stats.uncond_rows == 0
 
 
@@ -46,9 +39,9 @@ def test_torch_compile_inductor() -> None:
     pipe = build_tiny_pipeline("sd").to("cuda")
     pipe.unet = torch.compile(pipe.unet)
     native = final_latents(pipe, "sd", guidance_scale=5.0)  # compiled native CFG: the same kernels as guided
-    guided, _ = _guided(pipe, guidekit.CFG(5.0), guidance_scale=5.0)
+    guided, _ = guided_latents(pipe, "sd", guidekit.CFG(5.0), guidance_scale=5.0)
     assert (guided - native).abs().max().item() <= 1e-5
-    partial, stats = _guided(pipe, guidekit.AdaptiveGuidance(guidekit.CFG(5.0), 0.991), guidance_scale=5.0,
+    partial, stats = guided_latents(pipe, "sd", guidekit.AdaptiveGuidance(guidekit.CFG(5.0), 0.991), guidance_scale=5.0,
                              batch_size=2)
     assert stats.uncond_rows < stats.cond_rows and torch.isfinite(partial).all()
 
@@ -60,12 +53,12 @@ def test_attention_processors() -> None:
     for processor in (AttnProcessor(), AttnProcessor2_0()):
         pipe.unet.set_attn_processor(processor)
         native = final_latents(pipe, "sd", guidance_scale=5.0)
-        guided, _ = _guided(pipe, guidekit.CFG(5.0), guidance_scale=5.0)
+        guided, _ = guided_latents(pipe, "sd", guidekit.CFG(5.0), guidance_scale=5.0)
         assert torch.equal(guided, native)
     try:
         pipe.enable_xformers_memory_efficient_attention()
     except (ModuleNotFoundError, ValueError) as exc:
         pytest.skip(f"xformers not available: {exc}")
     native = final_latents(pipe, "sd", guidance_scale=5.0)
-    guided, _ = _guided(pipe, guidekit.CFG(5.0), guidance_scale=5.0)
+    guided, _ = guided_latents(pipe, "sd", guidekit.CFG(5.0), guidance_scale=5.0)
     assert torch.equal(guided, native)
