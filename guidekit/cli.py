@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from guidekit.bridge.families import family_of
 from guidekit.bridge.install import set_guidance
 from guidekit.bridge.loading import load_pipeline
 from guidekit.bridge.schedulers import SCHEDULER_NAMES, make_scheduler
@@ -61,6 +62,8 @@ def _call_kwargs(pipe: Any, args: argparse.Namespace, defaults: dict[str, Any]) 
         kwargs["prompt"] = [args.prompt] * n if args.prompt is not None else kwargs.get("prompt", [""] * n)[:1] * n
         if args.negative_prompt is not None:
             kwargs["negative_prompt"] = [args.negative_prompt] * n
+        elif "negative_prompt" in kwargs:
+            kwargs["negative_prompt"] = kwargs["negative_prompt"][:1] * n
     elif "class_labels" in params:
         label = args.class_label if args.class_label is not None else kwargs.get("class_labels", [0])[0]
         kwargs["class_labels"] = [label] * n
@@ -81,9 +84,10 @@ def sample(args: argparse.Namespace) -> dict[str, Any]:
     set_guidance(pipe, guidance)
     kwargs = _call_kwargs(pipe, args, defaults)
     generator = [torch.Generator(device).manual_seed(args.seed + i) for i in range(args.num_images)]
+    # Under set_guidance the pipeline's scale only switches its unconditional branch on (> 1) or off.
+    kwargs[family_of(pipe).scale_arg] = 2.0 if guidance.uses_unconditional else 1.0
     start = time.perf_counter()
-    images = pipe(**kwargs, num_inference_steps=args.steps, generator=generator,
-                  guidance_scale=2.0 if guidance.uses_unconditional else 1.0).images
+    images = pipe(**kwargs, num_inference_steps=args.steps, generator=generator).images
     seconds = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
     files = []

@@ -197,6 +197,14 @@ def test_cli_sample(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert all(Path(f).stat().st_size > 0 for f in summary["files"])
 
 
+def test_cli_sample_flux_true_cfg(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli.main(["sample", "--model", "tiny:flux", "--guidance", "cfg(3)", "--steps", "2", "--num-images", "2",
+                   "--out", str(tmp_path)])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["pipeline"] == "FluxPipeline" and summary["uncond_rows"] == 4 and len(summary["files"]) == 2
+
+
 def test_cli_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["sample", "--model", "tiny:nope", "--steps", "2"]) == 2
     assert "model='tiny:nope' is not accepted" in capsys.readouterr().err

@@ -29,7 +29,8 @@ class GuidanceStats:
             per step unless no sample needs the unconditional branch).
         cond_rows / uncond_rows: rows evaluated by the network, per branch.
         cond_rows_skipped / uncond_rows_skipped: rows that native CFG would have evaluated and the
-            guidance did not need.
+            guidance did not need (the conditional branch is always evaluated, so ``cond_rows_skipped``
+            is 0 for every method guidekit has today).
         uncond_rows_per_sample: unconditional rows evaluated for each sample of the batch.
     """
 
