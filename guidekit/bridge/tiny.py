@@ -8,13 +8,8 @@ memory; every module is seeded before construction, so equal arguments give bitw
 
 from __future__ import annotations
 
-import itertools
-import os
-import shutil
 import string
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -63,7 +58,6 @@ __all__ = [
     "build_tiny_controlnet_pipeline",
     "build_tiny_pipeline",
     "tiny_call_kwargs",
-    "tiny_pipeline_dir",
 ]
 
 FAMILIES: tuple[str, ...] = ("sd", "sd-v", "sdxl", "dit", "pixart", "sd3", "sana", "flux")
@@ -74,7 +68,6 @@ DEFAULT_SAMPLE_SIZE = 16
 _VAE_SCALE_FACTOR = 2
 _TEXT_DIM = 32
 _MAX_SEQUENCE_LENGTH = 16
-_CACHE_VERSION = 1
 _CHARS = string.digits + string.ascii_letters + string.punctuation
 
 _M = TypeVar("_M", bound=nn.Module)
@@ -86,44 +79,15 @@ def build_tiny_pipeline(
     seed: int = 0,
     sample_size: int | None = None,
     dtype: torch.dtype = torch.float32,
-    cache_dir: str | os.PathLike | None = None,
 ) -> DiffusionPipeline:
     """Build a tiny random-weight pipeline of ``family`` (one of :data:`FAMILIES`).
 
     ``sample_size`` is the latent side length (default :data:`DEFAULT_SAMPLE_SIZE`; even, and a multiple
-    of 16 for "sana"). With ``cache_dir`` the pipeline is loaded with ``from_pretrained`` from
-    :func:`tiny_pipeline_dir`, which saves it first if needed; the result is bitwise identical to a fresh
-    build (building takes about as long as loading). The caller's global torch RNG is left untouched.
+    of 16 for "sana"). The caller's global torch RNG is left untouched.
     """
-    if cache_dir is None:
-        pipe = _build(family, seed, sample_size)
-    else:
-        path = tiny_pipeline_dir(family, cache_dir, seed=seed, sample_size=sample_size)
-        with torch.random.fork_rng(devices=[]):  # some models draw random numbers while being loaded
-            pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
-        _realign(pipe)
+    pipe = _build(family, seed, sample_size)
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
-
-
-def tiny_pipeline_dir(
-    family: str, cache_dir: str | os.PathLike, *, seed: int = 0, sample_size: int | None = None
-) -> Path:
-    """Return a local float32 checkpoint directory of the tiny pipeline, saving it under ``cache_dir`` once.
-
-    The directory can be passed to ``DiffusionPipeline.from_pretrained`` like a downloaded model.
-    """
-    size = _check_size(family, sample_size)
-    target = Path(cache_dir) / f"tiny-v{_CACHE_VERSION}-{family}-seed{seed}-size{size}"
-    if not target.is_dir():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        _build(family, seed, size).save_pretrained(staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process saved it first
-            shutil.rmtree(staging)
-    return target
 
 
 def build_tiny_controlnet_pipeline(
@@ -131,14 +95,12 @@ def build_tiny_controlnet_pipeline(
     seed: int = 0,
     sample_size: int | None = None,
     dtype: torch.dtype = torch.float32,
-    cache_dir: str | os.PathLike | None = None,
 ) -> StableDiffusionControlNetPipeline:
     """Build the tiny "sd" pipeline with a tiny ControlNet derived from its UNet.
 
     The control image must have the pipeline's pixel size (``tiny_call_kwargs("sd")["height"]``).
-    ``cache_dir`` caches only the underlying "sd" pipeline.
     """
-    base = build_tiny_pipeline("sd", seed=seed, sample_size=sample_size, cache_dir=cache_dir)
+    base = build_tiny_pipeline("sd", seed=seed, sample_size=sample_size)
     with torch.random.fork_rng(devices=[]):
         controlnet = _init(
             seed + 100, ControlNetModel.from_unet, base.unet, conditioning_embedding_out_channels=(16, 32)
@@ -219,19 +181,6 @@ def _build(family: str, seed: int, sample_size: int | None) -> DiffusionPipeline
     size = _check_size(family, sample_size)
     with torch.random.fork_rng(devices=[]):
         return _BUILDERS[family](seed, size)
-
-
-@torch.no_grad()
-def _realign(pipe: DiffusionPipeline) -> None:
-    """Copy loaded tensors into fresh allocations.
-
-    Safetensors loading leaves tensors at unaligned addresses, where CPU kernels may take different
-    vectorisation paths and round differently from freshly built modules.
-    """
-    for component in pipe.components.values():
-        if isinstance(component, nn.Module):
-            for tensor in itertools.chain(component.parameters(), component.buffers()):
-                tensor.data = tensor.data.clone()
 
 
 def _init(seed: int, factory: Callable[..., _M], *args: Any, **kwargs: Any) -> _M:
