@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from guidekit.bridge.families import family_of
+from guidekit.bridge.families import family_of_class
 from guidekit.bridge.install import set_guidance
 from guidekit.bridge.loading import load_pipeline
 from guidekit.bridge.schedulers import SCHEDULER_NAMES, make_scheduler
@@ -85,7 +85,7 @@ def sample(args: argparse.Namespace) -> dict[str, Any]:
     kwargs = _call_kwargs(pipe, args, defaults)
     generator = [torch.Generator(device).manual_seed(args.seed + i) for i in range(args.num_images)]
     # Under set_guidance the pipeline's scale only switches its unconditional branch on (> 1) or off.
-    kwargs[family_of(pipe).scale_arg] = 2.0 if guidance.uses_unconditional else 1.0
+    kwargs[family_of_class(type(pipe)).scale_arg] = 2.0 if guidance.uses_unconditional else 1.0
     start = time.perf_counter()
     images = pipe(**kwargs, num_inference_steps=args.steps, generator=generator).images
     seconds = time.perf_counter() - start

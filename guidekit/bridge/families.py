@@ -56,10 +56,10 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def family_of(pipeline: object) -> Family:
-    """The family of ``pipeline``'s class (or of the class it was guided from)."""
-    for cls in type(pipeline).__mro__:
+def family_of_class(pipeline_class: type) -> Family:
+    """The family of a pipeline class (or of the class it was guided from)."""
+    for cls in pipeline_class.__mro__:
         if cls.__name__ in FAMILIES and not getattr(cls, "_guidekit_guided", False):
             return FAMILIES[cls.__name__]
-    raise ValueError(f"pipeline={type(pipeline).__name__} is not supported by set_guidance; supported: "
+    raise ValueError(f"pipeline={pipeline_class.__name__} is not supported by set_guidance; supported: "
                      f"{', '.join(sorted(FAMILIES))}")

@@ -17,7 +17,7 @@ from typing import Any
 
 from diffusers import DiffusionPipeline
 
-from guidekit.bridge.families import Family, family_of
+from guidekit.bridge.families import Family, family_of_class
 from guidekit.bridge.proxy import GuidanceStats, GuidedDenoiser
 from guidekit.bridge.schedulers import check_scheduler
 from guidekit.guidance.base import Guidance
@@ -28,12 +28,14 @@ _ATTRIBUTES = ("_guidekit_guidance", "guidance_stats")
 
 
 def _guided_class(cls: type) -> type:
+    """The guided subclass of ``cls``; its family and ``__call__`` signature are resolved once, here."""
     if cls not in _GUIDED_CLASSES:
         original_call = cls.__call__
+        family, signature = family_of_class(cls), inspect.signature(original_call)
 
         @functools.wraps(original_call)
         def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-            return _guided_call(self, original_call, args, kwargs)
+            return _guided_call(self, original_call, signature.bind(self, *args, **kwargs), family)
 
         _GUIDED_CLASSES[cls] = type(cls.__name__, (cls,), {
             "__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
@@ -59,7 +61,7 @@ def set_guidance(pipe: DiffusionPipeline, guidance: Guidance | str | None) -> Di
     if not isinstance(guidance, Guidance):
         raise TypeError(f"guidance={guidance!r} is not accepted; expected a guidekit guidance, its text form "
                         "or None")
-    family_of(pipe)
+    family_of_class(type(pipe))
     if not getattr(type(pipe), "_guidekit_guided", False):
         pipe.__class__ = _guided_class(type(pipe))
     pipe.__dict__["_guidekit_guidance"] = guidance
@@ -94,10 +96,9 @@ def _check_call(pipe: DiffusionPipeline, family: Family, guidance: Guidance,
     return batched
 
 
-def _guided_call(pipe: DiffusionPipeline, original_call: Any, args: tuple, kwargs: dict) -> Any:
+def _guided_call(pipe: DiffusionPipeline, original_call: Any, bound: inspect.BoundArguments, family: Family) -> Any:
     guidance: Guidance = pipe.__dict__["_guidekit_guidance"]
-    family = family_of(pipe)
-    bound = inspect.signature(original_call).bind(pipe, *args, **kwargs)
+    args, kwargs = bound.args[1:], bound.kwargs
     bound.apply_defaults()
     batched = _check_call(pipe, family, guidance, bound.arguments)
     denoiser = getattr(pipe, family.denoiser)

@@ -165,14 +165,23 @@ class WeightedGuidance(Guidance):
         raise NotImplementedError
 
 
+def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.view(-1, *([1] * (like.ndim - 1)))
+
+
 def per_sample_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``<a_i, b_i>`` over all non-batch dimensions, shaped to broadcast against ``a``."""
-    return (a * b).flatten(1).sum(1).view(-1, *([1] * (a.ndim - 1)))
+    return _broadcast((a * b).flatten(1).sum(1), a)
 
 
 def per_sample_norm(a: torch.Tensor) -> torch.Tensor:
     """``||a_i||_2`` over all non-batch dimensions, shaped to broadcast against ``a``."""
-    return a.flatten(1).norm(dim=1).view(-1, *([1] * (a.ndim - 1)))
+    return _broadcast(a.flatten(1).norm(dim=1), a)
+
+
+def per_sample_std(a: torch.Tensor) -> torch.Tensor:
+    """Unbiased standard deviation of each sample over all non-batch dimensions, shaped to broadcast."""
+    return _broadcast(a.flatten(1).std(dim=1), a)
 
 
 def apply_guidance(guidance: Guidance, cond: torch.Tensor, uncond: torch.Tensor,

@@ -17,12 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from guidekit.guidance.base import GuidanceContext, WeightedGuidance, check_number
+from guidekit.guidance.base import GuidanceContext, WeightedGuidance, check_number, per_sample_std
 from guidekit.parameterization import check_space
-
-
-def _std(y: torch.Tensor) -> torch.Tensor:
-    return y.flatten(1).std(dim=1).view(-1, *([1] * (y.ndim - 1)))
 
 
 @dataclass(eq=True)
@@ -57,5 +53,5 @@ class CFG(WeightedGuidance):
         guided = uncond + scale * (cond - uncond)
         if self.rescale == 0:
             return guided
-        rescaled = guided * (_std(cond) / _std(guided))
+        rescaled = guided * (per_sample_std(cond) / per_sample_std(guided))
         return self.rescale * rescaled + (1 - self.rescale) * guided
