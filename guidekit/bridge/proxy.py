@@ -114,7 +114,7 @@ class GuidedDenoiser:
         if not state.corrector:
             self._step += 1
             self._step_sigma, self._tau = state.level.sigma, state.tau
-        if self._channels is not None:
+        if self._channels is not None and sample.shape[1] != self._channels:
             sample = sample[:, :self._channels]
         ctx = GuidanceContext(x=sample, level=state.level, model_space=self._space, step=self._step,
                               num_steps=state.num_steps, step_sigma=self._step_sigma, tau=self._tau,
@@ -133,7 +133,9 @@ class GuidedDenoiser:
         c = self._channels
         if ctx.x.shape[1] != c:
             ctx = replace(ctx, x=ctx.x[:, :c])
-        return apply_guidance(self.guidance, cond[:, :c], uncond[:, :c], guided, ctx)
+        if cond.shape[1] != c:
+            cond, uncond = cond[:, :c], uncond[:, :c]
+        return apply_guidance(self.guidance, cond, uncond, guided, ctx)
 
     @staticmethod
     def _full(pred: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -154,7 +156,7 @@ class GuidedDenoiser:
         first, second = slice(0, b), slice(b, n)
         cond_rows, uncond_rows = (first, second) if self.family.cond_first or not self.batched else (second, first)
         ctx, guided = self._begin(sample[cond_rows], timestep, b)
-        n_guided = int(guided.sum())
+        n_guided = sum(guided.tolist())  # cheaper than a tensor reduction for a small CPU mask
         if n_guided == b and self.batched:  # every row, in the pipeline's own batch: native arithmetic
             result = self._forward(*args, **kwargs)
             out = _output_tensor(result)
@@ -191,7 +193,7 @@ class GuidedDenoiser:
             return result
         ctx, guided, cond, result = self._pending
         self._pending = None
-        n_guided = int(guided.sum())
+        n_guided = sum(guided.tolist())
         if n_guided == b:
             uncond = _output_tensor(self._forward(*args, **kwargs))
         elif n_guided:
