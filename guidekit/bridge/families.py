@@ -46,7 +46,7 @@ FAMILIES: dict[str, Family] = {
         "StableDiffusionXLControlNetInpaintPipeline",
     ), _UNET),
     "DiTPipeline": Family("transformer", cond_first=True),
-    **dict.fromkeys(("PixArtAlphaPipeline", "PixArtSigmaPipeline", "SanaPipeline"), _TRANSFORMER),
+    **dict.fromkeys(("PixArtAlphaPipeline", "PixArtSigmaPipeline", "SanaPipeline", "MixturePipeline"), _TRANSFORMER),
     **dict.fromkeys(("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
                      "StableDiffusion3InpaintPipeline"), _SD3),
     # Flux's guidance_scale is a distilled embedding; true CFG is two calls per step with a negative prompt.

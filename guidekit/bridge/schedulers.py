@@ -15,6 +15,8 @@ The traps (REFERENCE section 2) and how they are handled:
   that no call waits for the device.
 * Flow schedulers (``FlowMatch*``, or DPM-Solver with ``use_flow_sigmas``) store flow time ``t`` in
   ``sigmas``.
+* Subclasses of a supported scheduler (LML's) are read as their base class. guidekit's own samplers
+  report their state themselves through ``guidekit_call(timestep)``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from guidekit.parameterization import NoiseLevel
 #: Scheduler class name -> how the call's noise level is read.
 _SIGMA_TABLE = "sigmas"
 _ALPHAS_CUMPROD = "alphas_cumprod"
+_SELF_REPORTING = "guidekit_call"
 SUPPORTED_SCHEDULERS: dict[str, str] = {
     "DDIMScheduler": _ALPHAS_CUMPROD,
     "DDPMScheduler": _ALPHAS_CUMPROD,
@@ -61,13 +64,24 @@ class SchedulerCall:
     num_steps: int
 
 
+def _supported_base(scheduler: SchedulerMixin) -> str | None:
+    """The name of the first class in the scheduler's MRO that guidekit knows how to read, if any."""
+    if hasattr(type(scheduler), _SELF_REPORTING):
+        return type(scheduler).__name__
+    return next((c.__name__ for c in type(scheduler).__mro__ if c.__name__ in SUPPORTED_SCHEDULERS), None)
+
+
+def _flow_class(scheduler: SchedulerMixin) -> bool:
+    return (_supported_base(scheduler) or "").startswith("FlowMatch")
+
+
 def _is_flow(scheduler: SchedulerMixin) -> bool:
-    return type(scheduler).__name__.startswith("FlowMatch") or bool(scheduler.config.get("use_flow_sigmas"))
+    return _flow_class(scheduler) or bool(scheduler.config.get("use_flow_sigmas"))
 
 
 def model_space(scheduler: SchedulerMixin) -> str:
     """The prediction space the scheduler expects from the model."""
-    if type(scheduler).__name__.startswith("FlowMatch"):
+    if _flow_class(scheduler):
         return "flow"
     prediction = scheduler.config.get("prediction_type", "epsilon")
     if prediction not in _PREDICTION_SPACES:
@@ -78,10 +92,9 @@ def model_space(scheduler: SchedulerMixin) -> str:
 
 def check_scheduler(scheduler: SchedulerMixin) -> None:
     """Raise a ``ValueError`` naming the supported schedulers if ``scheduler`` is not one of them."""
-    name = type(scheduler).__name__
-    if name not in SUPPORTED_SCHEDULERS:
-        raise ValueError(f"scheduler={name} is not supported by set_guidance; supported: "
-                         f"{', '.join(SUPPORTED_SCHEDULERS)}")
+    if _supported_base(scheduler) is None:
+        raise ValueError(f"scheduler={type(scheduler).__name__} is not supported by set_guidance; supported: "
+                         f"{', '.join(SUPPORTED_SCHEDULERS)}, their subclasses and guidekit's samplers")
     model_space(scheduler)
 
 
@@ -96,7 +109,8 @@ class SchedulerReader:
 
     def __init__(self, scheduler: SchedulerMixin) -> None:
         self.scheduler = scheduler
-        self.kind = SUPPORTED_SCHEDULERS[type(scheduler).__name__]
+        base = _supported_base(scheduler)
+        self.kind = SUPPORTED_SCHEDULERS.get(base, _SELF_REPORTING)
         self.timesteps: list[float] = scheduler.timesteps.detach().to("cpu", torch.float64).tolist()
         if self.kind == _ALPHAS_CUMPROD:
             self.alphas_cumprod: list[float] = scheduler.alphas_cumprod.tolist()
@@ -110,12 +124,15 @@ class SchedulerReader:
         if self.kind == _SIGMA_TABLE:
             self.sigmas: list[float] = scheduler.sigmas.tolist()
             self.sigmas_interpol: list[float] = scheduler.sigmas_interpol.tolist() if self.interpolated else []
-        self.interpolated_offset = 1 if type(scheduler).__name__ == "KDPM2AncestralDiscreteScheduler" else 0
+        self.interpolated_offset = 1 if base == "KDPM2AncestralDiscreteScheduler" else 0
         self._calls = 0
         self._first_index: int | None = None
 
     def __call__(self, timestep: torch.Tensor | float) -> SchedulerCall:
         """The state at the denoiser call being made now at ``timestep`` (the scheduler's units)."""
+        if self.kind == _SELF_REPORTING:
+            level, corrector, tau = self.scheduler.guidekit_call(timestep)
+            return SchedulerCall(level, corrector, tau, self.num_steps)
         if self.kind == _ALPHAS_CUMPROD:
             if self._first_index is None:
                 self._first_index = self.timesteps.index(float(torch.as_tensor(timestep).flatten()[0]))

@@ -1,0 +1,1 @@
+"""Samplers as diffusers schedulers: EDM's stochastic Heun, PCG's predictor-corrector, CFG++ and LML."""

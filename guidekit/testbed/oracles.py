@@ -1,0 +1,83 @@
+"""Closed forms for CFG on one-dimensional Gaussians (Bradley & Nakkiran 2024, "Classifier-Free Guidance
+is a Predictor-Corrector", section 4; REFERENCE section 1, PCG).
+
+Variance-exploding process ``x_sigma = x0 + sigma n``, ``p(x | c) = N(mc, sc^2)``, ``p(x) = N(mu, su^2)``,
+guidance weight ``w``, sampling from ``N(0, S0^2)`` at ``sigma = S`` (``S -> inf`` by default; ``S0 = S``
+unless given: a VP pipeline starts from ``N(0, 1 + S^2)`` in EDM units) down to 0.
+With ``k(s) = w / (sc^2 + s^2) + (1 - w) / (su^2 + s^2)``, ``j(s) = w mc / (sc^2 + s^2) +
+(1 - w) mu / (su^2 + s^2)`` and ``h(s) = (sc^2 + s^2)^(w/2) (su^2 + s^2)^((1-w)/2)``, the CFG score is
+``j(s) - k(s) x``, and the guided probability-flow ODE and reverse SDE are linear, so the end point is
+Gaussian:
+
+* ODE (DDIM): variance ``S0^2 h(0)^2 / h(S)^2``, mean ``h(0) int_0^S s j(s) / h(s) ds``;
+* SDE (DDPM): variance ``h(0)^4 [S0^2 / h(S)^4 + int_0^S 2 s / h(s)^4 ds]``,
+  mean ``h(0)^2 int_0^S 2 s j(s) / h(s)^2 ds``;
+* the ``w``-powered target ``p(x | c)^w p(x)^(1-w)``: precision ``w / sc^2 + (1 - w) / su^2``.
+
+The integrals are evaluated by Gauss-Legendre quadrature after ``s = tan(theta)``, which maps
+``[0, inf)`` onto a finite interval with a bounded integrand; 400 nodes give about 1e-12.
+
+Note on REFERENCE's worked example (``mc=1, sc=0.5, mu=0, su=1, w=3``): the ODE mean is 1.5 in the limit
+``S -> inf``; the 1.4953 quoted there is the value at ``S = 80`` (EDM's ``sigma_max``). The other figures
+(DDIM variance 0.015625, DDPM mean 1.3125 and variance 0.0666) hold in both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+_NODES, _WEIGHTS = np.polynomial.legendre.leggauss(400)
+
+
+def _integral(f, upper: float) -> float:
+    """``int_0^upper f(s) ds`` with ``s = tan(theta)``."""
+    top = math.atan(upper) if math.isfinite(upper) else math.pi / 2
+    theta = 0.5 * top * (_NODES + 1.0)
+    s = np.tan(theta)
+    return float(0.5 * top * np.sum(_WEIGHTS * f(s) / np.cos(theta) ** 2))
+
+
+@dataclass(frozen=True)
+class GaussianCFGOracle:
+    """Exact end points of CFG samplers for ``p(x | c) = N(mc, sc^2)``, ``p(x) = N(mu, su^2)`` at weight ``w``."""
+
+    mc: float
+    sc: float
+    mu: float
+    su: float
+    w: float
+
+    def _h(self, s: np.ndarray | float) -> np.ndarray | float:
+        return (self.sc ** 2 + s ** 2) ** (self.w / 2) * (self.su ** 2 + s ** 2) ** ((1 - self.w) / 2)
+
+    def _j(self, s: np.ndarray | float) -> np.ndarray | float:
+        return self.w * self.mc / (self.sc ** 2 + s ** 2) + (1 - self.w) * self.mu / (self.su ** 2 + s ** 2)
+
+    def target(self) -> tuple[float, float]:
+        """Mean and variance of the ``w``-powered distribution ``p(x | c)^w p(x)^(1-w)``."""
+        precision = self.w / self.sc ** 2 + (1 - self.w) / self.su ** 2
+        if precision <= 0:
+            raise ValueError(f"w={self.w} is not accepted here; the powered distribution is not normalisable")
+        return (self.w * self.mc / self.sc ** 2 + (1 - self.w) * self.mu / self.su ** 2) / precision, 1 / precision
+
+    def ode(self, start_sigma: float = math.inf, start_std: float | None = None) -> tuple[float, float]:
+        """Mean and variance at ``sigma = 0`` of the CFG probability-flow ODE (deterministic DDIM) started from
+        ``N(0, start_std^2)`` at ``start_sigma``."""
+        h0, S = self._h(0.0), start_sigma
+        S0 = S if start_std is None else start_std
+        var = h0 ** 2 if math.isinf(S) else S0 ** 2 * h0 ** 2 / self._h(S) ** 2
+        mean = h0 * _integral(lambda s: s * self._j(s) / self._h(s), S)
+        return mean, var
+
+    def sde(self, start_sigma: float = math.inf, start_std: float | None = None) -> tuple[float, float]:
+        """Mean and variance at ``sigma = 0`` of the CFG reverse SDE (ancestral DDPM) started from
+        ``N(0, start_std^2)`` at ``start_sigma``."""
+        h0, S = self._h(0.0), start_sigma
+        S0 = S if start_std is None else start_std
+        start = 0.0 if math.isinf(S) else S0 ** 2 / self._h(S) ** 4
+        var = h0 ** 4 * (start + _integral(lambda s: 2 * s / self._h(s) ** 4, S))
+        mean = h0 ** 2 * _integral(lambda s: 2 * s * self._j(s) / self._h(s) ** 2, S)
+        return mean, var
