@@ -9,6 +9,7 @@ from guidekit.bridge import GuidanceStats, install_pipeline_method, set_guidance
 from guidekit.guidance import (
     APG,
     CFG,
+    PCG,
     AdaptiveGuidance,
     CFGZeroStar,
     Guidance,
@@ -30,6 +31,7 @@ install_pipeline_method()
 __all__ = [
     "APG",
     "CFG",
+    "PCG",
     "AdaptiveGuidance",
     "CFGZeroStar",
     "Guidance",

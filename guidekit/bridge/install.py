@@ -7,6 +7,10 @@ Attaching swaps the pipeline instance's class for a cached subclass of the same 
 ``save_pretrained``, CPU offload hooks, attention processors and ``torch.compile`` wrappers are
 untouched. ``set_guidance(pipe, None)`` restores the original class and removes every attribute
 guidekit added.
+
+A guidance that comes with its own sampler (PCG) also swaps the pipeline's scheduler for that sampler,
+built from the current scheduler's config; the original scheduler comes back on the next
+``set_guidance`` call.
 """
 
 from __future__ import annotations
@@ -19,12 +23,31 @@ from diffusers import DiffusionPipeline
 
 from guidekit.bridge.families import Family, family_of_class
 from guidekit.bridge.proxy import GuidanceStats, GuidedDenoiser
-from guidekit.bridge.schedulers import check_scheduler
+from guidekit.bridge.schedulers import _is_flow, check_scheduler
 from guidekit.guidance.base import Guidance
+from guidekit.guidance.pcg import PCG
 from guidekit.guidance.spec import parse_guidance
+from guidekit.samplers.pcg import PCGScheduler
 
 _GUIDED_CLASSES: dict[type, type] = {}
-_ATTRIBUTES = ("_guidekit_guidance", "guidance_stats")
+_ATTRIBUTES = ("_guidekit_guidance", "guidance_stats", "_guidekit_scheduler")
+
+
+def _own_sampler(guidance: Guidance, scheduler: Any) -> Any | None:
+    """The scheduler a guidance brings with it, built from the pipeline's ``scheduler`` config, or ``None``."""
+    if not isinstance(guidance, PCG):
+        return None
+    if _is_flow(scheduler):
+        raise ValueError(f"guidance {guidance!r} is not accepted on a flow-matching pipeline (scheduler "
+                         f"{type(scheduler).__name__}); PCG's sampler needs a VP schedule (SD, SDXL, DiT, PixArt)")
+    return PCGScheduler.from_config(scheduler.config, corrector_steps=guidance.corrector_steps,
+                                    step_scale=guidance.step_scale)
+
+
+def _restore_scheduler(pipe: DiffusionPipeline) -> None:
+    original = pipe.__dict__.pop("_guidekit_scheduler", None)
+    if original is not None:
+        pipe.scheduler = original
 
 
 def _guided_class(cls: type) -> type:
@@ -50,6 +73,7 @@ def set_guidance(pipe: DiffusionPipeline, guidance: Guidance | str | None) -> Di
     Returns ``pipe``. Raises ``ValueError`` for pipelines outside the supported families.
     """
     if guidance is None:
+        _restore_scheduler(pipe)
         original = getattr(type(pipe), "_guidekit_original", None)
         if original is not None:
             pipe.__class__ = original
@@ -62,6 +86,12 @@ def set_guidance(pipe: DiffusionPipeline, guidance: Guidance | str | None) -> Di
         raise TypeError(f"guidance={guidance!r} is not accepted; expected a guidekit guidance, its text form "
                         "or None")
     family_of_class(type(pipe))
+    original_scheduler = pipe.__dict__.get("_guidekit_scheduler", pipe.scheduler)
+    sampler = _own_sampler(guidance, original_scheduler)
+    _restore_scheduler(pipe)
+    if sampler is not None:
+        pipe.__dict__["_guidekit_scheduler"] = pipe.scheduler
+        pipe.scheduler = sampler
     if not getattr(type(pipe), "_guidekit_guided", False):
         pipe.__class__ = _guided_class(type(pipe))
     pipe.__dict__["_guidekit_guidance"] = guidance

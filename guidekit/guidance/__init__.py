@@ -7,12 +7,14 @@ from guidekit.guidance.cfg import CFG
 from guidekit.guidance.cfg_zero import CFGZeroStar
 from guidekit.guidance.interval import Interval
 from guidekit.guidance.linear_ag import LinearAG, LinearAGFit, PredictionRecorder, fit_linear_ag
+from guidekit.guidance.pcg import PCG
 from guidekit.guidance.schedules import SCHEDULES, Scheduled, schedule_weight
 from guidekit.guidance.spec import GuidanceSyntaxError, format_guidance, parse_guidance
 
 __all__ = [
     "APG",
     "CFG",
+    "PCG",
     "SCHEDULES",
     "AdaptiveGuidance",
     "CFGZeroStar",

@@ -20,6 +20,7 @@ from guidekit.guidance.base import Guidance
 from guidekit.guidance.cfg import CFG
 from guidekit.guidance.cfg_zero import CFGZeroStar
 from guidekit.guidance.interval import Interval
+from guidekit.guidance.pcg import PCG
 from guidekit.guidance.schedules import Scheduled
 
 #: Canonical text name of each guidance class.
@@ -30,6 +31,7 @@ NAMES: dict[type[Guidance], str] = {
     Scheduled: "scheduled",
     AdaptiveGuidance: "adaptive",
     CFGZeroStar: "cfg_zero_star",
+    PCG: "pcg",
 }
 _ALIASES = {"ag": AdaptiveGuidance, "adaptiveguidance": AdaptiveGuidance}
 

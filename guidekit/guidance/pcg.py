@@ -1,0 +1,54 @@
+"""PCG, predictor-corrector guidance (Bradley & Nakkiran 2024, "Classifier-Free Guidance is a
+Predictor-Corrector", Algorithm 2; REFERENCE section 1).
+
+The guidance half of PCG: predictor calls use the conditional prediction only (no unconditional row is
+computed), corrector calls the CFG combination at weight ``gamma``, the exponent of the tilted distribution
+``p(x | c)^gamma p(x)^(1 - gamma)`` that the Langevin corrector targets. The sampler half is
+:class:`guidekit.samplers.pcg.PCGScheduler`, which ``set_guidance`` installs with ``corrector_steps`` and
+``step_scale``. ``PCG(gamma=2 w - 1)`` with one corrector step and ``step_scale=1`` approximates CFG with
+ancestral DDPM at weight ``w`` (Theorem 1 of the paper).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from guidekit.guidance.base import Guidance, GuidanceContext, check_number
+
+
+@dataclass(eq=True)
+class PCG(Guidance):
+    """Predictor-corrector guidance.
+
+    Args:
+        gamma: exponent of the tilted target (``1`` = unguided corrector), ``>= 0``.
+        corrector_steps: Langevin corrector steps per solver step, ``>= 0``.
+        step_scale: multiplier of the Langevin step size, ``> 0``.
+    """
+
+    gamma: float
+    corrector_steps: int = 1
+    step_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.gamma = check_number("gamma", self.gamma, low=0.0)
+        if (isinstance(self.corrector_steps, bool) or not isinstance(self.corrector_steps, int)
+                or self.corrector_steps < 0):
+            raise ValueError(f"corrector_steps={self.corrector_steps!r} is not accepted; expected an int >= 0")
+        self.step_scale = check_number("step_scale", self.step_scale, low=0.0, low_open=True)
+
+    @property
+    def uses_unconditional(self) -> bool:  # type: ignore[override]
+        return self.gamma != 1.0 and self.corrector_steps > 0
+
+    def needs_unconditional(self, ctx: GuidanceContext, scale: float | None = None) -> torch.Tensor:
+        weight = self.gamma if scale is None else scale
+        return torch.full((len(ctx.rows),), ctx.corrector and weight != 1.0, dtype=torch.bool)
+
+    def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext,
+                scale: float | None = None) -> torch.Tensor:
+        """CFG at weight ``gamma`` (affine, so it runs in the model's own space and dtype)."""
+        weight = self.gamma if scale is None else scale
+        return uncond + weight * (cond - uncond)

@@ -1,0 +1,131 @@
+"""What guidekit's samplers share: a VP noise schedule read from a diffusers config, EDM-space steps, and a
+per-call record of the noise level that the guidance bridge reads.
+
+The samplers keep the pipeline's latents in the model's own input space (VP ``x_t = alpha x0 + s eps``), so
+``init_noise_sigma`` is 1 and ``scale_model_input`` is the identity: they work in pipelines that do not
+scale their initial noise (DiT) as well as in those that do (SD, SDXL). Each step converts to the EDM
+variables of REFERENCE section 0, ``x = x_t / alpha`` at ``sigma = s / alpha``, with the denoised
+``D = x0`` read from the model output in its ``prediction_type``, and back.
+
+The timestep handed to the model for a noise level ``sigma`` is diffusers' ``_sigma_to_t``: linear
+interpolation of ``log sigma`` over the training table, clamped to its range.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
+
+from guidekit.parameterization import NoiseLevel
+
+_PREDICTION_SPACES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
+    """Karras et al. (2022) eq. 5: ``n`` noise levels from ``sigma_max`` down to ``sigma_min`` (no final 0)."""
+    if n == 1:
+        return [sigma_max]
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return [(hi + i / (n - 1) * (lo - hi)) ** rho for i in range(n)]
+
+
+@dataclass(frozen=True)
+class SamplerCall:
+    """One planned denoiser call: its EDM noise level and whether it is a corrector call."""
+
+    sigma: float
+    corrector: bool
+
+
+class VPSampler(SchedulerMixin, ConfigMixin):
+    """Base of guidekit's samplers on a discrete VP schedule (SD, SDXL, DiT, PixArt, the testbed).
+
+    Subclasses plan their calls in :meth:`plan` and advance the latents in :meth:`advance`; this class turns
+    the plan into ``timesteps``, converts between VP and EDM variables, and answers the bridge's
+    ``guidekit_call``.
+    """
+
+    order = 1
+    init_noise_sigma = 1.0
+
+    def _setup_schedule(self, num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
+                        trained_betas: list[float] | None, prediction_type: str) -> None:
+        if prediction_type not in _PREDICTION_SPACES:
+            raise ValueError(f"prediction_type={prediction_type!r} is not accepted; expected one of "
+                             f"{', '.join(_PREDICTION_SPACES)}")
+        vp = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+                           beta_schedule=beta_schedule, trained_betas=trained_betas)
+        abar = vp.alphas_cumprod.double().numpy()
+        self.train_sigmas = np.sqrt((1 - abar) / abar)
+        self._log_sigmas = np.log(self.train_sigmas)
+        self.space = _PREDICTION_SPACES[prediction_type]
+        self.calls: list[SamplerCall] = []
+        self.timesteps = torch.zeros(0)
+        self.num_inference_steps: int | None = None
+        self._call = 0
+
+    def sigma_to_t(self, sigma: float) -> float:
+        """The (fractional) training timestep of EDM noise level ``sigma``."""
+        log_sigma = math.log(max(sigma, 1e-10))
+        table = self._log_sigmas
+        if log_sigma <= table[0]:
+            return 0.0
+        if log_sigma >= table[-1]:
+            return float(len(table) - 1)
+        high = int(np.searchsorted(table, log_sigma))
+        low = high - 1
+        return low + (log_sigma - table[low]) / (table[high] - table[low])
+
+    def _check_steps(self, num_inference_steps: int) -> None:
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r} is not accepted; expected an int >= 1")
+
+    def _finish_plan(self, calls: list[SamplerCall], num_inference_steps: int, device: str | torch.device | None
+                     ) -> None:
+        self.calls = calls
+        self.num_inference_steps = num_inference_steps
+        self.timesteps = torch.tensor([self.sigma_to_t(c.sigma) for c in calls], dtype=torch.float32, device=device)
+        self._call = 0
+
+    @property
+    def step_index(self) -> int:
+        """The number of ``step`` calls made since ``set_timesteps``."""
+        return self._call
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
+        """The latents are already the model's input (VP space)."""
+        return sample
+
+    def guidekit_call(self, timestep: float | torch.Tensor) -> tuple[NoiseLevel, bool, float]:
+        """The noise level, corrector flag and normalised time of the denoiser call about to be made."""
+        call = self.calls[self._call]
+        return NoiseLevel.from_sigma(call.sigma), call.corrector, float(self.timesteps[self._call]) / len(
+            self.train_sigmas)
+
+    def denoised(self, model_output: torch.Tensor, sample: torch.Tensor, sigma: float) -> torch.Tensor:
+        """``D`` (= ``x0``) from the model output at the VP latents ``sample`` of level ``sigma``."""
+        return NoiseLevel.from_sigma(sigma).to_x0(model_output, sample, self.space)
+
+    @staticmethod
+    def to_edm(sample: torch.Tensor, sigma: float) -> torch.Tensor:
+        """VP latents at ``sigma`` to EDM ``x = x_t / alpha``."""
+        return sample * math.hypot(1.0, sigma)
+
+    @staticmethod
+    def from_edm(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """EDM ``x`` at ``sigma`` to VP latents (the data itself at ``sigma = 0``)."""
+        return x / math.hypot(1.0, sigma)
+
+    def _output(self, prev: torch.Tensor, return_dict: bool) -> SchedulerOutput | tuple[torch.Tensor]:
+        """Count the call and wrap the new latents as diffusers' schedulers do."""
+        self._call += 1
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def __len__(self) -> int:
+        return len(self.train_sigmas)

@@ -1,0 +1,93 @@
+"""The predictor-corrector sampler of PCG (Bradley & Nakkiran 2024, "Classifier-Free Guidance is a
+Predictor-Corrector", section 5 and Algorithm 2) as a diffusers scheduler.
+
+Step ``i`` from ``sigma_i`` to ``sigma_{i+1}`` (EDM variables, REFERENCE section 1):
+
+* predictor: one DDIM step with the conditional denoiser only, ``x <- D_c + sigma_{i+1} (x - D_c) / sigma_i``;
+* corrector (``corrector_steps`` times, unless ``sigma_{i+1} = 0``): a Langevin step at ``sigma_{i+1}`` on the
+  guided score ``s_gamma = (D_gamma - x) / sigma_{i+1}^2``,
+  ``x <- x + eps s_gamma + sqrt(2 eps) z`` with ``eps = step_scale (sigma_i^2 - sigma_{i+1}^2) / 2``.
+
+With ``step_scale = 1`` and one corrector step this is, to first order in the step, CFG with ancestral DDPM at
+weight ``w = (gamma + 1) / 2``: DDPM's step is the ODE step plus ``eps s_w + sqrt(2 eps) z``, and
+``2 s_w - s_1 = s_{2w - 1}``. The noise levels are DDIM's with ``timestep_spacing="trailing"`` and a final
+step to ``sigma = 0``, so PCG and CFG-DDIM/DDPM can be compared on the same grid.
+
+The scheduler only moves the latents; which branch the model evaluates is the guidance's business:
+attach :class:`guidekit.PCG` with ``pipe.set_guidance``, which installs this scheduler and makes predictor
+calls conditional-only and corrector calls guided at ``gamma``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from guidekit.guidance.base import check_number
+from guidekit.samplers.base import SamplerCall, VPSampler
+
+
+class PCGScheduler(VPSampler):
+    """DDIM predictor plus Langevin corrector steps (Bradley & Nakkiran, Algorithm 2).
+
+    Args:
+        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type: the model's
+            schedule, as in its own scheduler config.
+        corrector_steps: Langevin steps per solver step (``>= 0``; 0 is conditional DDIM).
+        step_scale: multiplies the Langevin step size ``(sigma_i^2 - sigma_{i+1}^2) / 2`` (``> 0``).
+    """
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+                 beta_schedule: str = "scaled_linear", trained_betas: list[float] | None = None,
+                 prediction_type: str = "epsilon", corrector_steps: int = 1, step_scale: float = 1.0) -> None:
+        self._setup_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                             prediction_type)
+        if isinstance(corrector_steps, bool) or not isinstance(corrector_steps, int) or corrector_steps < 0:
+            raise ValueError(f"corrector_steps={corrector_steps!r} is not accepted; expected an int >= 0")
+        check_number("step_scale", step_scale, low=0.0, low_open=True)
+        self.sigmas: list[float] = []
+        self._step = 0
+        self._corrections = 0
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        """Plan one predictor call per step and ``corrector_steps`` corrector calls after each step that does not
+        end at ``sigma = 0``."""
+        self._check_steps(num_inference_steps)
+        n, T = num_inference_steps, len(self.train_sigmas)
+        steps = [round(T - i * T / n) - 1 for i in range(n)]  # DDIM's "trailing" spacing
+        self.sigmas = [float(self.train_sigmas[t]) for t in steps] + [0.0]
+        calls = []
+        for i in range(n):
+            calls.append(SamplerCall(self.sigmas[i], False))
+            if self.sigmas[i + 1] > 0:
+                calls += [SamplerCall(self.sigmas[i + 1], True)] * self.config.corrector_steps
+        self._finish_plan(calls, n, device)
+        self._step = 0
+        self._corrections = 0
+
+    def step(self, model_output: torch.Tensor, timestep: float | torch.Tensor, sample: torch.Tensor,
+             generator: torch.Generator | None = None, return_dict: bool = True) -> SchedulerOutput | tuple:
+        """Advance by one call: the conditional DDIM predictor, or one Langevin corrector step."""
+        call = self.calls[self._call]
+        i, sigma = self._step, call.sigma
+        x = self.to_edm(sample, sigma)
+        denoised = self.denoised(model_output, sample, sigma)
+        if not call.corrector:
+            sigma_next = self.sigmas[i + 1]
+            x = denoised + sigma_next / sigma * (x - denoised)
+            if sigma_next == 0 or self.config.corrector_steps == 0:
+                self._step += 1
+            return self._output(self.from_edm(x, sigma_next), return_dict)
+        eps = self.config.step_scale * (self.sigmas[i] ** 2 - sigma**2) / 2
+        noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = x + eps * (denoised - x) / sigma**2 + math.sqrt(2 * eps) * noise
+        self._corrections += 1
+        if self._corrections == self.config.corrector_steps:
+            self._corrections = 0
+            self._step += 1
+        return self._output(self.from_edm(x, sigma), return_dict)
