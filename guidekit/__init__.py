@@ -9,6 +9,7 @@ from guidekit.bridge import GuidanceStats, install_pipeline_method, set_guidance
 from guidekit.guidance import (
     APG,
     CFG,
+    CFGPP,
     PCG,
     AdaptiveGuidance,
     CFGZeroStar,
@@ -31,6 +32,7 @@ install_pipeline_method()
 __all__ = [
     "APG",
     "CFG",
+    "CFGPP",
     "PCG",
     "AdaptiveGuidance",
     "CFGZeroStar",

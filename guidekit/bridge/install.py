@@ -8,7 +8,7 @@ Attaching swaps the pipeline instance's class for a cached subclass of the same 
 untouched. ``set_guidance(pipe, None)`` restores the original class and removes every attribute
 guidekit added.
 
-A guidance that comes with its own sampler (PCG) also swaps the pipeline's scheduler for that sampler,
+A guidance that comes with its own sampler (PCG, CFG++) also swaps the pipeline's scheduler for that sampler,
 built from the current scheduler's config; the original scheduler comes back on the next
 ``set_guidance`` call.
 """
@@ -25,8 +25,10 @@ from guidekit.bridge.families import Family, family_of_class
 from guidekit.bridge.proxy import GuidanceStats, GuidedDenoiser
 from guidekit.bridge.schedulers import _is_flow, check_scheduler
 from guidekit.guidance.base import Guidance
+from guidekit.guidance.cfgpp import CFGPP
 from guidekit.guidance.pcg import PCG
 from guidekit.guidance.spec import parse_guidance
+from guidekit.samplers.cfgpp import CFGPPScheduler
 from guidekit.samplers.pcg import PCGScheduler
 
 _GUIDED_CLASSES: dict[type, type] = {}
@@ -35,11 +37,13 @@ _ATTRIBUTES = ("_guidekit_guidance", "guidance_stats", "_guidekit_scheduler")
 
 def _own_sampler(guidance: Guidance, scheduler: Any) -> Any | None:
     """The scheduler a guidance brings with it, built from the pipeline's ``scheduler`` config, or ``None``."""
-    if not isinstance(guidance, PCG):
+    if not isinstance(guidance, (PCG, CFGPP)):
         return None
     if _is_flow(scheduler):
         raise ValueError(f"guidance {guidance!r} is not accepted on a flow-matching pipeline (scheduler "
-                         f"{type(scheduler).__name__}); PCG's sampler needs a VP schedule (SD, SDXL, DiT, PixArt)")
+                         f"{type(scheduler).__name__}); its sampler needs a VP schedule (SD, SDXL, DiT, PixArt)")
+    if isinstance(guidance, CFGPP):
+        return CFGPPScheduler.from_config(scheduler.config, solver=guidance.solver)
     return PCGScheduler.from_config(scheduler.config, corrector_steps=guidance.corrector_steps,
                                     step_scale=guidance.step_scale)
 

@@ -97,6 +97,8 @@ class GuidedDenoiser:
         self._step_sigma = float("nan")
         self._tau = float("nan")
         self._pending: tuple[GuidanceContext, torch.Tensor, torch.Tensor, Any] | None = None
+        # A sampler that renoises with the unconditional prediction (CFG++) receives it at every call.
+        self._receiver: Callable[[torch.Tensor], None] | None = getattr(scheduler, "guidekit_unconditional", None)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.family.separate_calls and self.batched:
@@ -135,7 +137,14 @@ class GuidedDenoiser:
             ctx = replace(ctx, x=ctx.x[:, :c])
         if cond.shape[1] != c:
             cond, uncond = cond[:, :c], uncond[:, :c]
-        return apply_guidance(self.guidance, cond, uncond, guided, ctx)
+        pred = apply_guidance(self.guidance, cond, uncond, guided, ctx)
+        if self._receiver is not None:  # samples without an unconditional row pass their conditional one
+            if n_guided != len(guided):
+                full = cond.clone()
+                full[guided.nonzero().flatten().to(cond.device)] = uncond
+                uncond = full
+            self._receiver(uncond)
+        return pred
 
     @staticmethod
     def _full(pred: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

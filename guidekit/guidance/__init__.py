@@ -5,6 +5,7 @@ from guidekit.guidance.apg import APG
 from guidekit.guidance.base import Guidance, GuidanceContext, apply_guidance
 from guidekit.guidance.cfg import CFG
 from guidekit.guidance.cfg_zero import CFGZeroStar
+from guidekit.guidance.cfgpp import CFGPP
 from guidekit.guidance.interval import Interval
 from guidekit.guidance.linear_ag import LinearAG, LinearAGFit, PredictionRecorder, fit_linear_ag
 from guidekit.guidance.pcg import PCG
@@ -14,6 +15,7 @@ from guidekit.guidance.spec import GuidanceSyntaxError, format_guidance, parse_g
 __all__ = [
     "APG",
     "CFG",
+    "CFGPP",
     "PCG",
     "SCHEDULES",
     "AdaptiveGuidance",

@@ -19,6 +19,7 @@ from guidekit.guidance.apg import APG
 from guidekit.guidance.base import Guidance
 from guidekit.guidance.cfg import CFG
 from guidekit.guidance.cfg_zero import CFGZeroStar
+from guidekit.guidance.cfgpp import CFGPP
 from guidekit.guidance.interval import Interval
 from guidekit.guidance.pcg import PCG
 from guidekit.guidance.schedules import Scheduled
@@ -32,6 +33,7 @@ NAMES: dict[type[Guidance], str] = {
     AdaptiveGuidance: "adaptive",
     CFGZeroStar: "cfg_zero_star",
     PCG: "pcg",
+    CFGPP: "cfgpp",
 }
 _ALIASES = {"ag": AdaptiveGuidance, "adaptiveguidance": AdaptiveGuidance}
 

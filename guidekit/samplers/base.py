@@ -122,9 +122,16 @@ class VPSampler(SchedulerMixin, ConfigMixin):
         """EDM ``x`` at ``sigma`` to VP latents (the data itself at ``sigma = 0``)."""
         return x / math.hypot(1.0, sigma)
 
-    def _output(self, prev: torch.Tensor, return_dict: bool) -> SchedulerOutput | tuple[torch.Tensor]:
-        """Count the call and wrap the new latents as diffusers' schedulers do."""
+    @staticmethod
+    def upcast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Half-precision tensors in float32 (steps are computed in at least float32, as diffusers' are)."""
+        return tuple(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors)
+
+    def _output(self, prev: torch.Tensor, dtype: torch.dtype, return_dict: bool
+                ) -> SchedulerOutput | tuple[torch.Tensor]:
+        """Count the call and wrap the new latents, in the pipeline's ``dtype``, as diffusers' schedulers do."""
         self._call += 1
+        prev = prev.to(dtype)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
     def __len__(self) -> int:

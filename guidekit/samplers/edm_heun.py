@@ -87,6 +87,8 @@ class EDMHeunScheduler(VPSampler):
              generator: torch.Generator | None = None, return_dict: bool = True) -> SchedulerOutput | tuple:
         """Advance by one call: the Euler half of a step, or its Heun correction followed by the next churn."""
         call = self.calls[self._call]
+        dtype = sample.dtype
+        model_output, sample = self.upcast(model_output, sample)
         i = self._step
         x = self.to_edm(sample, call.sigma)
         d = (x - self.denoised(model_output, sample, call.sigma)) / call.sigma
@@ -95,7 +97,7 @@ class EDMHeunScheduler(VPSampler):
             x_next = x + (t_next - call.sigma) * d
             if t_next > 0:
                 self._saved = (x, d, call.sigma)
-                return self._output(self.from_edm(x_next, t_next), return_dict)
+                return self._output(self.from_edm(x_next, t_next), dtype, return_dict)
         else:
             x_hat, d_hat, t_hat = self._saved
             x_next = x_hat + (t_next - t_hat) * (d_hat + d) / 2
@@ -106,4 +108,4 @@ class EDMHeunScheduler(VPSampler):
             noise = randn_tensor(x_next.shape, generator=generator, device=x_next.device, dtype=x_next.dtype)
             x_next = x_next + math.sqrt(t_hat**2 - t**2) * self.config.s_noise * noise
             t_next = t_hat
-        return self._output(self.from_edm(x_next, t_next), return_dict)
+        return self._output(self.from_edm(x_next, t_next), dtype, return_dict)

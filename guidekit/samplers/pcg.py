@@ -74,6 +74,8 @@ class PCGScheduler(VPSampler):
              generator: torch.Generator | None = None, return_dict: bool = True) -> SchedulerOutput | tuple:
         """Advance by one call: the conditional DDIM predictor, or one Langevin corrector step."""
         call = self.calls[self._call]
+        dtype = sample.dtype
+        model_output, sample = self.upcast(model_output, sample)
         i, sigma = self._step, call.sigma
         x = self.to_edm(sample, sigma)
         denoised = self.denoised(model_output, sample, sigma)
@@ -82,7 +84,7 @@ class PCGScheduler(VPSampler):
             x = denoised + sigma_next / sigma * (x - denoised)
             if sigma_next == 0 or self.config.corrector_steps == 0:
                 self._step += 1
-            return self._output(self.from_edm(x, sigma_next), return_dict)
+            return self._output(self.from_edm(x, sigma_next), dtype, return_dict)
         eps = self.config.step_scale * (self.sigmas[i] ** 2 - sigma**2) / 2
         noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = x + eps * (denoised - x) / sigma**2 + math.sqrt(2 * eps) * noise
@@ -90,4 +92,4 @@ class PCGScheduler(VPSampler):
         if self._corrections == self.config.corrector_steps:
             self._corrections = 0
             self._step += 1
-        return self._output(self.from_edm(x, sigma), return_dict)
+        return self._output(self.from_edm(x, sigma), dtype, return_dict)
