@@ -116,6 +116,11 @@ def test_oracle_integrals_equal_an_ode_solver_on_the_moment_equations(params: tu
     for oracle, rhs in ((o.ode, ode), (o.sde, sde)):
         sol = solve_ivp(rhs, (S, 0.0), [0.0, S0**2], rtol=1e-11, atol=1e-13, method="DOP853")
         assert oracle(S, S0) == pytest.approx(tuple(sol.y[:, -1]), rel=1e-7, abs=1e-10)
+    # One trajectory from x = 2 at S down to sigma = 0.03: the affine map of the ODE.
+    a, b = o.ode_map(S, 0.03)
+    sol = solve_ivp(lambda s, y: [-s * (j(s) - k(s) * y[0])], (S, 0.03), [2.0], rtol=1e-11, atol=1e-13,
+                    method="DOP853")
+    assert a * 2.0 + b == pytest.approx(sol.y[0, -1], rel=1e-8)
 
 
 # --- the diffusers pipeline ----------------------------------------------------------------------------------------

@@ -5,6 +5,14 @@ Each is a ``SchedulerMixin`` + ``ConfigMixin`` built with ``X.from_config(pipe.s
 
 from guidekit.samplers.cfgpp import CFGPPScheduler
 from guidekit.samplers.edm_heun import EDMHeunScheduler
+from guidekit.samplers.lml import DDIMLMScheduler, DPMSolverMultistepLMScheduler, FlowMatchEulerLMScheduler
 from guidekit.samplers.pcg import PCGScheduler
 
-__all__ = ["CFGPPScheduler", "EDMHeunScheduler", "PCGScheduler"]
+__all__ = [
+    "CFGPPScheduler",
+    "DDIMLMScheduler",
+    "DPMSolverMultistepLMScheduler",
+    "EDMHeunScheduler",
+    "FlowMatchEulerLMScheduler",
+    "PCGScheduler",
+]

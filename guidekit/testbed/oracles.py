@@ -25,6 +25,7 @@ Note on REFERENCE's worked example (``mc=1, sc=0.5, mu=0, su=1, w=3``): the ODE 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,12 +33,13 @@ import numpy as np
 _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(400)
 
 
-def _integral(f, upper: float) -> float:
-    """``int_0^upper f(s) ds`` with ``s = tan(theta)``."""
+def _integral(f: Callable[[np.ndarray], np.ndarray], upper: float, lower: float = 0.0) -> float:
+    """``int_lower^upper f(s) ds`` with ``s = tan(theta)``."""
     top = math.atan(upper) if math.isfinite(upper) else math.pi / 2
-    theta = 0.5 * top * (_NODES + 1.0)
+    bottom = math.atan(lower)
+    theta = bottom + 0.5 * (top - bottom) * (_NODES + 1.0)
     s = np.tan(theta)
-    return float(0.5 * top * np.sum(_WEIGHTS * f(s) / np.cos(theta) ** 2))
+    return float(0.5 * (top - bottom) * np.sum(_WEIGHTS * f(s) / np.cos(theta) ** 2))
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,19 @@ class GaussianCFGOracle:
         var = h0 ** 2 if math.isinf(S) else S0 ** 2 * h0 ** 2 / self._h(S) ** 2
         mean = h0 * _integral(lambda s: s * self._j(s) / self._h(s), S)
         return mean, var
+
+    def ode_map(self, start_sigma: float, end_sigma: float) -> tuple[float, float]:
+        """``(a, b)`` with ``x(end_sigma) = a x(start_sigma) + b`` along the CFG probability-flow ODE:
+        ``x(s) = h(s) [x(S) / h(S) + int_s^S u j(u) / h(u) du]``, since ``d log h / ds = s k(s)``."""
+        h_end = self._h(end_sigma)
+        return h_end / self._h(start_sigma), h_end * _integral(lambda u: u * self._j(u) / self._h(u), start_sigma,
+                                                               end_sigma)
+
+    def denoise(self, x: np.ndarray | float, sigma: float) -> np.ndarray | float:
+        """The CFG denoiser ``D_u + w (D_c - D_u)`` of the two Gaussians at ``sigma``."""
+        d_c = self.mc + self.sc**2 / (self.sc**2 + sigma**2) * (x - self.mc)
+        d_u = self.mu + self.su**2 / (self.su**2 + sigma**2) * (x - self.mu)
+        return d_u + self.w * (d_c - d_u)
 
     def sde(self, start_sigma: float = math.inf, start_std: float | None = None) -> tuple[float, float]:
         """Mean and variance at ``sigma = 0`` of the CFG reverse SDE (ancestral DDPM) started from
