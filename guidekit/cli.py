@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from guidekit.bridge.families import family_of_class
-from guidekit.bridge.install import set_guidance
+from guidekit.bridge.install import brings_sampler, set_guidance
 from guidekit.bridge.loading import load_pipeline
 from guidekit.bridge.schedulers import SCHEDULER_NAMES, make_scheduler
 from guidekit.guidance.spec import format_guidance, parse_guidance
@@ -80,6 +80,9 @@ def sample(args: argparse.Namespace) -> dict[str, Any]:
     pipe, defaults = load_pipeline(args.model, dtype=_DTYPES[args.dtype])
     pipe = pipe.to(device)
     if args.scheduler:
+        if brings_sampler(guidance):
+            raise ValueError(f"--scheduler {args.scheduler} is not accepted with guidance {format_guidance(guidance)}, "
+                             "which installs its own sampler; leave --scheduler out")
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     set_guidance(pipe, guidance)
     kwargs = _call_kwargs(pipe, args, defaults)

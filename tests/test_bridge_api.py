@@ -205,6 +205,19 @@ def test_cli_sample_flux_true_cfg(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert summary["pipeline"] == "FluxPipeline" and summary["uncond_rows"] == 4 and len(summary["files"]) == 2
 
 
+def test_cli_sample_with_guidekit_samplers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["sample", "--model", "tiny:dit", "--guidance", "pcg(gamma=3)", "--steps", "3",
+                     "--out", str(tmp_path)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["scheduler"] == "PCGScheduler" and summary["model_calls"] == 5 and summary["uncond_rows"] == 2
+    assert cli.main(["sample", "--model", "tiny:sd", "--guidance", "cfg(3)", "--scheduler", "edm_heun", "--steps", "3",
+                     "--out", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["scheduler"] == "EDMHeunScheduler"
+    assert cli.main(["sample", "--model", "tiny:sd", "--guidance", "pcg(gamma=3)", "--scheduler", "euler",
+                     "--steps", "2", "--out", str(tmp_path)]) == 2
+    assert "installs its own sampler" in capsys.readouterr().err
+
+
 def test_cli_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["sample", "--model", "tiny:nope", "--steps", "2"]) == 2
     assert "model='tiny:nope' is not accepted" in capsys.readouterr().err

@@ -35,9 +35,14 @@ _GUIDED_CLASSES: dict[type, type] = {}
 _ATTRIBUTES = ("_guidekit_guidance", "guidance_stats", "_guidekit_scheduler")
 
 
+def brings_sampler(guidance: Guidance) -> bool:
+    """Whether ``set_guidance`` swaps the pipeline's scheduler for a sampler of the guidance's own (PCG, CFG++)."""
+    return isinstance(guidance, (PCG, CFGPP))
+
+
 def _own_sampler(guidance: Guidance, scheduler: Any) -> Any | None:
     """The scheduler a guidance brings with it, built from the pipeline's ``scheduler`` config, or ``None``."""
-    if not isinstance(guidance, (PCG, CFGPP)):
+    if not brings_sampler(guidance):
         return None
     if _is_flow(scheduler):
         raise ValueError(f"guidance {guidance!r} is not accepted on a flow-matching pipeline (scheduler "
@@ -156,4 +161,4 @@ def install_pipeline_method() -> None:
     DiffusionPipeline.set_guidance = set_guidance  # type: ignore[attr-defined]
 
 
-__all__ = ["GuidanceStats", "install_pipeline_method", "set_guidance"]
+__all__ = ["GuidanceStats", "brings_sampler", "install_pipeline_method", "set_guidance"]

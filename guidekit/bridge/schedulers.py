@@ -28,6 +28,7 @@ import diffusers
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+import guidekit.samplers
 from guidekit.parameterization import NoiseLevel
 
 #: Scheduler class name -> how the call's noise level is read.
@@ -171,6 +172,11 @@ SCHEDULER_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
     "deis": ("DEISMultistepScheduler", {}),
     "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    # guidekit's own (PCG and CFG++ come with their guidance: --guidance "pcg(gamma=5)", "cfgpp(lam=0.6)")
+    "edm_heun": ("EDMHeunScheduler", {}),
+    "ddim_lml": ("DDIMLMScheduler", {}),
+    "dpmpp_2m_lml": ("DPMSolverMultistepLMScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "flow_euler_lml": ("FlowMatchEulerLMScheduler", {}),
 }
 
 
@@ -179,5 +185,5 @@ def make_scheduler(name: str, config: Any) -> SchedulerMixin:
     if name not in SCHEDULER_NAMES:
         raise ValueError(f"scheduler={name!r} is not accepted; expected one of {', '.join(SCHEDULER_NAMES)}")
     class_name, overrides = SCHEDULER_NAMES[name]
-    cls = getattr(diffusers, class_name)
+    cls = getattr(diffusers, class_name, None) or getattr(guidekit.samplers, class_name)
     return cls.from_config(config, **overrides)

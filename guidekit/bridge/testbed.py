@@ -25,7 +25,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.schedulers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers.schedulers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput
 
 from guidekit.parameterization import NoiseLevel
@@ -130,23 +130,22 @@ class MixturePipeline(DiffusionPipeline):
 
     @classmethod
     def from_mixture(cls, mixture: GaussianMixture, parameterization: str = "vp_eps",
-                     scheduler: object | None = None) -> MixturePipeline:
-        """A pipeline for ``mixture`` with SD's VP schedule or a flow schedule.
+                     scheduler: object | None = None, **schedule: object) -> MixturePipeline:
+        """A pipeline for ``mixture`` with a VP schedule (SD's unless ``schedule`` gives ``num_train_timesteps``,
+        ``beta_start``, ``beta_end``, ``beta_schedule``) or a flow schedule.
 
         The default scheduler is DDIM with ``timestep_spacing="trailing"`` and ``set_alpha_to_one=True``, so that
         sampling starts at the schedule's largest noise level and ends at sigma = 0 exactly (SD's own
         ``"leading"`` spacing and final ``alphas_cumprod[0]`` would end at sigma 0.029); flow Euler with
         ``shift=1`` for ``parameterization="flow"``.
         """
-        model = MixtureDenoiser.from_mixture(mixture, parameterization=parameterization)
+        model = MixtureDenoiser.from_mixture(mixture, parameterization=parameterization, **schedule)
         if scheduler is None:
             if parameterization == "flow":
                 scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
             else:
-                from diffusers import DDIMScheduler
-
-                scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                          clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+                vp = {k: model.config[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}
+                scheduler = DDIMScheduler(**vp, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
         return cls(model, scheduler)
 
     def noisy_latents(self, class_labels: list[int] | torch.Tensor, timestep: float,
