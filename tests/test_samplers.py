@@ -118,12 +118,12 @@ def _oracle_start(pipe: MixturePipeline) -> tuple[float, float]:
 @pytest.mark.parametrize("params", [(1.0, 0.5, 0.0, 1.0, 3.0), (-0.5, 0.4, 0.5, 1.2, 2.0)])
 def test_pcg_reaches_the_ddpm_end_point_and_ddpm_does_too(params: tuple[float, ...]) -> None:
     """PCG(gamma = 2w - 1), one corrector step, and CFG with ancestral DDPM at w: mean and variance within 2% of the
-    closed form (Bradley & Nakkiran Theorem 1), 100k particles, 200 / 500 steps."""
+    closed form (Bradley & Nakkiran Theorem 1), 200k particles, 200 / 500 steps."""
     mc, sc, mu, su, w = params
     pipe = MixturePipeline.from_mixture(GaussianMixture.isotropic([[mc], [mu]], [sc, su], [0, UNCONDITIONAL]))
     pipe.set_progress_bar_config(disable=True)
     mean, var = GaussianCFGOracle(*params).sde(*_oracle_start(pipe))
-    n = 100_000
+    n = 200_000
     pipe.set_guidance(guidekit.PCG(2 * w - 1))
     try:
         pcg = pipe([0] * n, num_inference_steps=200, guidance_scale=w, generator=torch.Generator().manual_seed(0))

@@ -239,7 +239,9 @@ def test_dpm_solver_sde_variants_are_refused() -> None:
 
 
 @pytest.mark.parametrize(("family", "cls"), [("sd", DDIMLMScheduler), ("sd", DPMSolverMultistepLMScheduler),
-                                             ("dit", DDIMLMScheduler), ("sd3", FlowMatchEulerLMScheduler)])
+                                             ("sdxl", DDIMLMScheduler), ("sdxl", DPMSolverMultistepLMScheduler),
+                                             ("dit", DDIMLMScheduler), ("dit", DPMSolverMultistepLMScheduler),
+                                             ("sd3", FlowMatchEulerLMScheduler)])
 def test_pipelines_native_and_guided(family: str, cls: type) -> None:
     pipe = pipeline(family)
     original = pipe.scheduler
