@@ -4,11 +4,12 @@
 
 Three measurements, all on :class:`guidekit.bridge.testbed.MixturePipeline` with SD's VP schedule:
 
-1. unguided: Frechet distance between 10k class-conditional samples (a third per class) of a 2-D, 3-class
-   mixture and the exact mean and covariance of that equal-class mixture; every sampler starts from the exact
-   noisy marginal at t = 999 (``noisy_latents``). The floor is the distance of 10k exact draws;
-2. guided, w = 3: end-point error of the deterministic samplers on the 1-D example of REFERENCE
-   (p(x | c) = N(1, 0.5^2), p(x) = N(0, 1)) against the closed form: the CFG probability-flow ODE from the
+1. Frechet distance on 10k class-conditional samples (a third per class) of a 2-D, 3-class mixture, every
+   sampler started from the exact noisy marginal at t = 999 (``noisy_latents``). Unguided: to the exact mean
+   and covariance (the floor is the distance of 10k exact draws). Guided, w = 3: to a converged run from the
+   same starts (DPM-Solver++(2M) at 500 steps for deterministic samplers, DDPM at 1000 for stochastic ones);
+2. end-point error of the deterministic samplers on the 1-D example of REFERENCE (p(x | c) = N(1, 0.5^2),
+   p(x) = N(0, 1)), unguided and at w = 3, against the closed form: the CFG probability-flow ODE from the
    sampler's first noise level to its last, then the sampler's own final denoising step;
 3. PCG against CFG-DDPM and CFG-DDIM at equal network evaluations on the same example: end mean and
    variance (100k particles) against the closed forms.
@@ -71,15 +72,15 @@ class CallRecorder:
     """Counts the model's calls and keeps the first call's EDM input and the last call's noise level."""
 
     def __init__(self, pipe: MixturePipeline) -> None:
-        self.pipe, self.calls, self.first, self.last_sigma = pipe, 0, None, math.nan
+        self.pipe, self.calls, self.first, self.last_sigma, self.batch = pipe, 0, None, math.nan, 1
         pipe.transformer.register_forward_pre_hook(self.hook, with_kwargs=True)
 
     def hook(self, module: Any, args: tuple, kwargs: dict) -> None:
         sample = args[0] if args else kwargs["sample"]
         t = args[1] if len(args) > 1 else kwargs["timestep"]
         level = module.level(float(torch.as_tensor(t).reshape(-1)[0]))
-        if self.calls == 0:
-            self.first = (level.sigma, sample[: len(sample) // 2 if len(sample) > 1 else 1].double() / level.alpha)
+        if self.calls == 0:  # the last rows are the conditional ones in a [uncond; cond] batch
+            self.first = (level.sigma, sample[-self.batch:].double() / level.alpha)
         self.calls += 1
         self.last_sigma = level.sigma
 
@@ -101,7 +102,13 @@ def equal_class_moments(mixture: GaussianMixture) -> tuple[np.ndarray, np.ndarra
     return mean.numpy(), (second - torch.outer(mean, mean)).numpy()
 
 
-def unguided_fd(table: dict, n: int) -> dict[str, list[tuple[int, float]]]:
+def mixture_fd(table: dict, n: int, w: float) -> dict[str, list[tuple[int, float]]]:
+    """Frechet distance on the 2-D mixture.
+
+    Unguided (``w = 1``): to the exact moments, with the distance of ``n`` exact draws as the floor. Guided: to
+    converged runs from the same starts (deterministic samplers: DPM-Solver++(2M) at 500 steps, the ODE's end
+    point; stochastic ones: DDPM with ``fixed_large`` at 1000 steps, the SDE's).
+    """
     mixture = GaussianMixture.random(3, 2, 2, generator=torch.Generator().manual_seed(0))
     pipe = MixturePipeline.from_mixture(mixture)
     pipe.set_progress_bar_config(disable=True)
@@ -110,28 +117,46 @@ def unguided_fd(table: dict, n: int) -> dict[str, list[tuple[int, float]]]:
     labels = [i % 3 for i in range(n)]
     gen = torch.Generator().manual_seed(1)
     x_vp = pipe.noisy_latents(labels, 999, generator=gen)
-    reference = equal_class_moments(mixture)
-    floor = frechet_distance(*gaussian_statistics(mixture.sample(n, torch.tensor(labels), generator=gen)), *reference)
-    results: dict[str, list[tuple[int, float]]] = {"exact draws (floor)": [(0, floor)]}
     sigma_start = pipe.transformer.level(999).sigma
-    for name, (factory, _, steps) in table.items():
+
+    def run(scheduler: Any, steps: int) -> torch.Tensor:
+        pipe.scheduler = scheduler
+        recorder.reset()
+        return pipe(labels, num_inference_steps=steps, guidance_scale=w, generator=torch.Generator().manual_seed(2),
+                    latents=unit_latents(x_vp, scheduler, sigma_start)).samples
+
+    if w == 1.0:
+        exact = equal_class_moments(mixture)
+        references = {True: exact, False: exact}
+        floor = frechet_distance(*gaussian_statistics(mixture.sample(n, torch.tensor(labels), generator=gen)), *exact)
+        results: dict[str, list[tuple[int, float]]] = {"exact draws (floor)": [(0, floor)]}
+    else:
+        references = {
+            True: gaussian_statistics(run(diffusers.DPMSolverMultistepScheduler.from_config(
+                config, algorithm_type="dpmsolver++", solver_order=2), 500)),
+            False: gaussian_statistics(run(diffusers.DDPMScheduler.from_config(config, variance_type="fixed_large"),
+                                           1000)),
+        }
+        results = {}
+    for name, (factory, deterministic, steps) in table.items():
         results[name] = []
         for s in steps:
-            pipe.scheduler = factory(config)
-            recorder.reset()
-            out = pipe(labels, num_inference_steps=s, latents=unit_latents(x_vp, pipe.scheduler, sigma_start),
-                       generator=torch.Generator().manual_seed(2)).samples
-            results[name].append((recorder.calls, frechet_distance(*gaussian_statistics(out), *reference)))
+            out = run(factory(config), s)
+            results[name].append((recorder.calls, frechet_distance(*gaussian_statistics(out),
+                                                                   *references[deterministic])))
     return results
 
 
-def guided_end_point(table: dict, w: float) -> dict[str, list[tuple[int, float]]]:
+def end_point(table: dict, w: float) -> dict[str, list[tuple[int, float]]]:
+    """End-point error of the deterministic samplers on two 1-D Gaussians (conditional N(1, 0.5^2), unconditional
+    N(0, 1)) at weight ``w``, against the closed-form ODE map and the sampler's own final denoising step."""
     oracle = GaussianCFGOracle(1.0, 0.5, 0.0, 1.0, w)
     pipe = MixturePipeline.from_mixture(GaussianMixture.isotropic([[1.0], [0.0]], [0.5, 1.0], [0, UNCONDITIONAL]))
     pipe.set_progress_bar_config(disable=True)
     recorder = CallRecorder(pipe)
     config = pipe.scheduler.config
     x_vp = torch.linspace(-1.5, 1.5, 7, dtype=torch.float64)[:, None]
+    recorder.batch = len(x_vp)
     results: dict[str, list[tuple[int, float]]] = {}
     for name, (factory, deterministic, steps) in table.items():
         if not deterministic:
@@ -176,33 +201,34 @@ def pcg_table(n: int, w: float) -> list[tuple[str, int, int, float, float]]:
     return rows
 
 
-def plot(fd: dict, end: dict, path: Path) -> None:
+def plot(panels: list[tuple[str, str, dict]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
     styles = [(m, ls) for ls in ("-", "--") for m in ("o", "s", "^", "v", "D", "x")]  # overlapping curves stay visible
-    for i, (name, points) in enumerate(fd.items()):
-        if name.startswith("exact"):
-            axes[0].axhline(points[0][1], color="grey", linestyle=":", label=name)
-            continue
-        marker, line = styles[i % len(styles)]
-        axes[0].loglog(*zip(*points, strict=True), marker=marker, linestyle=line, label=name, fillstyle="none")
-    for i, (name, points) in enumerate(end.items()):
-        marker, line = styles[(i + 1) % len(styles)]
-        axes[1].loglog(*zip(*points, strict=True), marker=marker, linestyle=line, label=name, fillstyle="none")
-    axes[0].set(xlabel="NFE (denoiser calls)", ylabel="Frechet distance to the exact moments",
-                title="Unguided, 2-D 3-class mixture, 10k samples")
-    axes[1].set(xlabel="NFE (denoiser calls)", ylabel="max |x_end - exact|",
-                title="CFG w=3, 1-D Gaussians: end-point error")
-    for ax in axes:
+    for ax, (title, ylabel, results) in zip(axes.flat, panels, strict=True):
+        for i, (name, points) in enumerate(results.items()):
+            if name.startswith("exact"):
+                ax.axhline(points[0][1], color="grey", linestyle=":", label=name)
+                continue
+            marker, line = styles[i % len(styles)]
+            ax.loglog(*zip(*points, strict=True), marker=marker, linestyle=line, label=name, fillstyle="none")
+        ax.set(xlabel="NFE (denoiser calls)", ylabel=ylabel, title=title)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=7)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+
+
+def _print_table(title: str, results: dict, what: str) -> None:
+    print(f"{title} (NFE: {what}):\n")
+    print("| sampler | " + " | ".join([f"NFE: {what}"] * 5) + " |\n|---|" + "---|" * 5)
+    for name, points in results.items():
+        print(f"| {name} | " + " | ".join(f"{c}: {d:.2e}" for c, d in points) + " |")
+    print()
 
 
 def main() -> None:
@@ -214,16 +240,12 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"machine: {machine()}\n")
     table = samplers()
-    fd = unguided_fd(table, args.samples)
-    print("Unguided Frechet distance to the exact moments (NFE: distance):\n")
-    print("| sampler | " + " | ".join(["NFE, FD"] * 5) + " |\n|---|" + "---|" * 5)
-    for name, points in fd.items():
-        print(f"| {name} | " + " | ".join(f"{c}: {d:.2e}" for c, d in points) + " |")
-    end = guided_end_point(table, 3.0)
-    print("\nGuided (w = 3) end-point error on the 1-D example (NFE: max |error|):\n")
-    print("| sampler | " + " | ".join(["NFE, error"] * 5) + " |\n|---|" + "---|" * 5)
-    for name, points in end.items():
-        print(f"| {name} | " + " | ".join(f"{c}: {e:.2e}" for c, e in points) + " |")
+    fd1, fd3 = mixture_fd(table, args.samples, 1.0), mixture_fd(table, args.samples, 3.0)
+    end1, end3 = end_point(table, 1.0), end_point(table, 3.0)
+    _print_table("Unguided: Frechet distance to the exact moments", fd1, "distance")
+    _print_table("Guided, w = 3: Frechet distance to the converged run (ODE or SDE)", fd3, "distance")
+    _print_table("Unguided: end-point error on the 1-D Gaussian N(1, 0.5^2)", end1, "max error")
+    _print_table("Guided, w = 3: end-point error on the 1-D example", end3, "max error")
     oracle = GaussianCFGOracle(1.0, 0.5, 0.0, 1.0, 3.0)
     start = MixturePipeline.from_mixture(GaussianMixture.isotropic([[0.0]], [1.0], [0])).transformer.level(999).sigma
     ode, sde = oracle.ode(start, math.hypot(1.0, start)), oracle.sde(start, math.hypot(1.0, start))
@@ -233,7 +255,10 @@ def main() -> None:
     print("| sampler | steps | NFE | mean | variance |\n|---|---|---|---|---|")
     for name, steps, calls, mean, var in pcg_table(args.particles, 3.0):
         print(f"| {name} | {steps} | {calls} | {mean:.4f} | {var:.4f} |")
-    plot(fd, end, Path(args.plot))
+    plot([("Unguided: 2-D 3-class mixture", "Frechet distance to the exact moments", fd1),
+          ("CFG w=3: 2-D 3-class mixture", "Frechet distance to the converged run", fd3),
+          ("Unguided: 1-D Gaussian end point", "max |x_end - exact|", end1),
+          ("CFG w=3: 1-D Gaussians end point", "max |x_end - exact|", end3)], Path(args.plot))
     print(f"\nplot: {args.plot}")
 
 

@@ -195,8 +195,10 @@ def test_pcg_text_form_and_errors() -> None:
 # --- inside image pipelines ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["sd", "sdxl", "dit"])
-@pytest.mark.parametrize("sampler", ["edm_heun", "edm_heun_churn", "pcg"])
+@pytest.mark.parametrize("sampler", ["edm_heun", "edm_heun_churn", "pcg_scheduler", "cfgpp_scheduler", "pcg"])
 def test_samplers_run_in_tiny_image_pipelines_with_and_without_guidance(family: str, sampler: str) -> None:
+    """Each sampler set as the pipeline's scheduler: native CFG equals set_guidance(CFG(w)); APG in an interval runs.
+    PCG as a guidance installs its own sampler and restores the pipeline's."""
     pipe = pipeline(family)
     original = pipe.scheduler
     try:
@@ -208,17 +210,23 @@ def test_samplers_run_in_tiny_image_pipelines_with_and_without_guidance(family: 
             pipe.set_guidance(None)
             assert pipe.scheduler is original
         else:
-            churn = {"s_churn": 10.0} if sampler == "edm_heun_churn" else {}
-            pipe.scheduler = EDMHeunScheduler.from_config(original.config, **churn)
+            pipe.scheduler = {
+                "edm_heun": lambda c: EDMHeunScheduler.from_config(c),
+                "edm_heun_churn": lambda c: EDMHeunScheduler.from_config(c, s_churn=10.0),
+                "pcg_scheduler": lambda c: PCGScheduler.from_config(c),
+                "cfgpp_scheduler": lambda c: CFGPPScheduler.from_config(c, solver="dpmpp_2m"),
+            }[sampler](original.config)
+            calls = 3 if sampler == "cfgpp_scheduler" else 5
             torch.manual_seed(0)  # DiT's pipeline passes no generator to step(): churn noise is global
             native = final_latents(pipe, family, steps=3, guidance_scale=4.0)
-            pipe.set_guidance(guidekit.CFG(4.0))
-            torch.manual_seed(0)
-            guided = final_latents(pipe, family, steps=3, guidance_scale=4.0)
-            assert pipe.guidance_stats.model_calls == 5
-            torch.testing.assert_close(guided, native, rtol=0, atol=1e-5)
             pipe.set_guidance(guidekit.Interval(guidekit.APG(4.0), sigma_lo=0.28, sigma_hi=5.42))
             out = final_latents(pipe, family, steps=3, guidance_scale=4.0)
+            assert pipe.guidance_stats.model_calls == calls
+            if sampler != "cfgpp_scheduler":  # with a guidance attached CFG++'s sampler renoises with the uncond
+                pipe.set_guidance(guidekit.CFG(4.0))
+                torch.manual_seed(0)
+                guided = final_latents(pipe, family, steps=3, guidance_scale=4.0)
+                torch.testing.assert_close(guided, native, rtol=0, atol=1e-5)
         assert torch.isfinite(out).all()
     finally:
         pipe.set_guidance(None)
