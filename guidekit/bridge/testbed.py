@@ -93,9 +93,9 @@ class MixtureDenoiser(ModelMixin, ConfigMixin):
                 return_dict: bool = True) -> MixtureDenoiserOutput | tuple[torch.Tensor]:
         t = float(torch.as_tensor(timestep).reshape(-1)[0])
         level = self.level(t)
-        x_t = sample.double()
+        x_t = sample.detach().to("cpu", torch.float64)  # the mixture is small and lives on the CPU, in float64
         x_edm = x_t / level.alpha if level.alpha > 0 else x_t
-        labels = torch.as_tensor(class_labels, device=sample.device).reshape(-1).expand(len(sample))
+        labels = torch.as_tensor(class_labels).cpu().reshape(-1).expand(len(sample))
         null = labels == self.num_classes
         x0 = torch.empty_like(x_t)
         if bool(null.any()):
@@ -103,7 +103,7 @@ class MixtureDenoiser(ModelMixin, ConfigMixin):
         if not bool(null.all()):
             x0[~null] = self.mixture.denoise(x_edm[~null], level.sigma, labels[~null])
         space = "flow" if self.config.parameterization == "flow" else "eps"
-        out = level.from_x0(x0, x_t, space).to(sample.dtype)
+        out = level.from_x0(x0, x_t, space).to(sample.device, sample.dtype)
         return MixtureDenoiserOutput(sample=out) if return_dict else (out,)
 
 
