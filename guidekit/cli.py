@@ -3,6 +3,8 @@
 ``guidekit sample --model ID_OR_PATH --guidance SPEC --scheduler NAME --steps N --seed S`` loads a
 diffusers pipeline (a hub id, a local directory, or ``tiny:FAMILY`` for a tiny random-weight
 pipeline built offline), attaches the guidance, samples, writes PNG files and prints what it did.
+
+``guidekit eval --config run.json`` samples at scale and computes metrics (see docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -51,7 +53,63 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     sample.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     sample.add_argument("--out", type=Path, default=Path("outputs"), help="output directory")
+    _add_eval_parser(sub)
     return parser
+
+
+def _comma_ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not accepted; expected comma-separated integers") from None
+
+
+def _add_eval_parser(sub: Any) -> None:
+    from guidekit.evaluation.config import DTYPES, METRICS, SAVE_IMAGES
+
+    ev = sub.add_parser("eval", help="sample at scale and compute FID, precision/recall and other metrics "
+                        "(resumable; run it under `accelerate launch` for several processes)")
+    ev.add_argument("--config", type=Path, help="JSON file with the run's settings (flags override it)")
+    ev.add_argument("--model")
+    ev.add_argument("--output-dir")
+    ev.add_argument("--guidance", help="guidekit guidance text; leave out for the pipeline's native CFG")
+    ev.add_argument("--guidance-scale", type=float, help="native CFG scale when no --guidance is given")
+    ev.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES))
+    ev.add_argument("--steps", type=_positive_int)
+    ev.add_argument("--seeds", help="'0-49999' (inclusive) or '0,5,9'")
+    ev.add_argument("--class-labels", type=_comma_ints, help="class ids, used in turn by image position")
+    ev.add_argument("--prompts-file", help="text file, one prompt per line, used in turn by image position")
+    ev.add_argument("--resolution", type=int)
+    ev.add_argument("--batch-size", type=_positive_int)
+    ev.add_argument("--dtype", choices=DTYPES)
+    ev.add_argument("--metrics", type=lambda t: [m.strip() for m in t.split(",") if m.strip()],
+                    help=f"comma-separated, from {', '.join(METRICS)}")
+    ev.add_argument("--feature-network", help="inception (default), inception:clean, clip:PATH, dinov2:PATH")
+    ev.add_argument("--reference", help="reference statistics (.npz, ADM layout)")
+    ev.add_argument("--clip-model")
+    ev.add_argument("--clip-reference")
+    ev.add_argument("--dinov2-model")
+    ev.add_argument("--dinov2-reference")
+    ev.add_argument("--save-images", choices=SAVE_IMAGES)
+    ev.add_argument("--shard-size", type=_positive_int)
+    ev.add_argument("--no-progress", action="store_true")
+    sw = sub.add_parser("sweep", help="a grid of eval runs (methods x weights x schedulers x steps) into a table "
+                        "and plots")
+    sw.add_argument("--config", type=Path, required=True, help="sweep JSON file (see docs/evaluation.md)")
+    sw.add_argument("--no-progress", action="store_true")
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Run ``guidekit eval``; return the result on the main process."""
+    from guidekit.evaluation.config import EvalConfig
+    from guidekit.evaluation.runner import run_eval
+
+    fields = ("model", "output_dir", "guidance", "guidance_scale", "scheduler", "steps", "seeds", "class_labels",
+              "prompts_file", "resolution", "batch_size", "dtype", "metrics", "feature_network", "reference",
+              "clip_model", "clip_reference", "dinov2_model", "dinov2_reference", "save_images", "shard_size")
+    flags = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    config = EvalConfig.from_file(args.config, **flags) if args.config else EvalConfig.from_dict(flags)
+    return run_eval(config, progress=not args.no_progress)
 
 
 def _call_kwargs(pipe: Any, args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -112,11 +170,18 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``guidekit`` command."""
     args = _parser().parse_args(argv)
     try:
-        summary = sample(args)
+        if args.command == "sweep":
+            from guidekit.evaluation.sweep import run_sweep
+
+            rows = run_sweep(args.config, progress=not args.no_progress)
+            summary = None if rows is None else {"metrics": rows}
+        else:
+            summary = sample(args) if args.command == "sample" else evaluate(args)
     except (ValueError, TypeError) as exc:
         print(f"guidekit: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2))
+    if summary is not None:
+        print(json.dumps(summary if args.command == "sample" else summary["metrics"], indent=2))
     return 0
 
 

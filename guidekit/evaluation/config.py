@@ -1,0 +1,166 @@
+"""The description of an evaluation run: what to sample, how, and which metrics to compute against what.
+
+A run is read from a JSON file (``guidekit eval --config run.json``) and/or command-line flags (flags win).
+Every field that can change the numbers goes into the run's ``settings``, which are hashed: a rerun into the
+same output directory must have the same settings, so finished shards are never mixed with other work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Metrics ``guidekit eval`` knows, and the feature network each needs.
+METRICS: dict[str, str] = {
+    "fid": "features", "precision": "features", "recall": "features", "density": "features",
+    "coverage": "features", "kid": "features", "is": "features", "fd_clip": "clip", "clip_score": "clip",
+    "fd_dinov2": "dinov2", "saturation": "pixels",
+}
+DTYPES = ("float32", "float16", "bfloat16")
+SAVE_IMAGES = ("none", "png", "npz")
+
+
+def parse_seeds(text: str | list[int]) -> list[int]:
+    """``"0-49999"`` (inclusive), ``"0,5,9"``, or a list of ints, into a list of distinct non-negative seeds."""
+    if isinstance(text, list):
+        seeds = [int(s) for s in text]
+    else:
+        seeds = []
+        for part in str(text).split(","):
+            part = part.strip()
+            lo, sep, hi = part.partition("-")
+            if not lo.isdigit() or (sep and not hi.isdigit()):
+                raise ValueError(f"seeds={text!r} is not accepted; expected a range such as '0-49999' or a list "
+                                 "such as '0,5,9' of non-negative integers")
+            seeds += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"seeds={text!r} is not accepted; expected distinct non-negative integers (at least one)")
+    return seeds
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation run. See docs/evaluation.md for every field."""
+
+    model: str
+    output_dir: str
+    guidance: str | None = None
+    guidance_scale: float | None = None
+    scheduler: str | None = None
+    steps: int = 50
+    seeds: str | list[int] = "0-49999"
+    class_labels: list[int] | None = None
+    prompts_file: str | None = None
+    resolution: int | None = None
+    batch_size: int = 16
+    dtype: str = "float32"
+    metrics: list[str] = field(default_factory=lambda: ["fid", "precision", "recall"])
+    feature_network: str = "inception"
+    reference: str | None = None
+    clip_model: str | None = None
+    clip_reference: str | None = None
+    dinov2_model: str | None = None
+    dinov2_reference: str | None = None
+    save_images: str = "none"
+    shard_size: int = 256
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    pr_k: int = 3
+    dc_k: int = 5
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> EvalConfig:
+        """Read a JSON config; ``overrides`` (non-None values) replace its fields."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ValueError(f"config={str(path)!r} is not accepted; the file does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config={str(path)!r} is not accepted; it is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config={str(path)!r} is not accepted; expected a JSON object of settings")
+        return cls.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"config keys {unknown} are not accepted; known keys: {', '.join(sorted(known))}")
+        missing = [k for k in ("model", "output_dir") if data.get(k) in (None, "")]
+        if missing:
+            raise ValueError(f"config is missing {missing}; expected at least model and output_dir")
+        config = cls(**data)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise a ``ValueError`` naming the first bad field, its value and what is accepted."""
+        for name in ("steps", "batch_size", "shard_size", "kid_subsets", "kid_subset_size", "pr_k", "dc_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is not accepted; expected an integer >= 1")
+        parse_seeds(self.seeds)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not accepted; expected one of {', '.join(DTYPES)}")
+        if self.save_images not in SAVE_IMAGES:
+            raise ValueError(f"save_images={self.save_images!r} is not accepted; expected one of "
+                             f"{', '.join(SAVE_IMAGES)}")
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown or not self.metrics:
+            raise ValueError(f"metrics={self.metrics!r} is not accepted; expected a non-empty list from "
+                             f"{', '.join(METRICS)}")
+        if self.guidance_scale is not None and self.guidance is not None:
+            raise ValueError(f"guidance_scale={self.guidance_scale!r} is not accepted together with guidance="
+                             f"{self.guidance!r}; give one: a guidekit guidance, or the pipeline's native CFG scale")
+        if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 8):
+            raise ValueError(f"resolution={self.resolution!r} is not accepted; expected an integer >= 8")
+        needs = {METRICS[m] for m in self.metrics}
+        if "clip" in needs and not self.clip_model:
+            raise ValueError("clip_model=None is not accepted with metrics fd_clip or clip_score; expected a CLIP "
+                             "model directory or hub id")
+        if "clip_score" in self.metrics and not self.prompts_file:
+            raise ValueError("prompts_file=None is not accepted with metric clip_score; expected a text file with "
+                             "one prompt per line")
+        if "dinov2" in needs and not self.dinov2_model:
+            raise ValueError("dinov2_model=None is not accepted with metric fd_dinov2; expected a DINOv2 model "
+                             "directory or hub id")
+        reference_metrics = [m for m in self.metrics if METRICS[m] == "features" and m != "is"]
+        if reference_metrics and not self.reference:
+            raise ValueError(f"reference=None is not accepted with metrics {reference_metrics}; expected a "
+                             "reference statistics file (.npz)")
+
+    def prompts(self) -> list[str] | None:
+        """The prompts of ``prompts_file`` (one per non-empty line), or ``None``."""
+        if self.prompts_file is None:
+            return None
+        path = Path(self.prompts_file)
+        if not path.is_file():
+            raise ValueError(f"prompts_file={self.prompts_file!r} is not accepted; the file does not exist")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"prompts_file={self.prompts_file!r} is not accepted; it holds no prompts")
+        return prompts
+
+    def networks(self) -> dict[str, str]:
+        """The feature networks the metrics need: ``{"features": spec, "clip": model, "dinov2": model}``."""
+        needs = {METRICS[m] for m in self.metrics}
+        specs = {"features": self.feature_network, "clip": self.clip_model, "dinov2": self.dinov2_model}
+        return {key: spec for key, spec in specs.items() if key in needs and spec}
+
+    def sample_settings(self) -> dict[str, Any]:
+        """Every field that changes the shards: the images and what is extracted from them (``networks``,
+        ``saturation``). A rerun into the same output directory must repeat the former and may extract less;
+        metrics, references and metric parameters may change between reruns."""
+        data = {k: getattr(self, k) for k in ("model", "guidance", "guidance_scale", "scheduler", "steps",
+                                              "class_labels", "resolution", "batch_size", "dtype", "shard_size")}
+        data["seeds"] = parse_seeds(self.seeds)
+        data["prompts_sha256"] = None if self.prompts_file is None else hashlib.sha256(
+            "\n".join(self.prompts() or []).encode()).hexdigest()
+        data["networks"] = self.networks()
+        data["saturation"] = "saturation" in self.metrics
+        return data

@@ -1,0 +1,299 @@
+"""``guidekit eval``: sample a pipeline at scale, extract features as images are made, and compute metrics.
+
+The work is cut into shards of ``shard_size`` consecutive seeds. Shard ``i`` goes to process
+``i % num_processes`` (``accelerate launch``), and every image has its own seed, so the images, their
+features and the final numbers do not depend on the number of processes. Each finished shard is written
+atomically (a temporary file, then ``os.replace``). A rerun into the same output directory skips the shards
+that exist, so a crashed or killed run loses at most the shards in flight. When all shards exist, the main
+process merges them in shard order and writes ``result.json``, also atomically.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import platform
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from guidekit.evaluation.config import METRICS, EvalConfig, parse_seeds
+
+SHARD_DIR = "shards"
+RESULT = "result.json"
+SETTINGS = "settings.json"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A unit of work: the images at ``positions`` of the run (their seeds are ``seeds``)."""
+
+    index: int
+    positions: tuple[int, ...]
+    seeds: tuple[int, ...]
+
+
+def plan_shards(seeds: list[int], shard_size: int) -> list[Shard]:
+    """Consecutive chunks of ``shard_size`` seeds."""
+    return [Shard(i // shard_size, tuple(range(i, min(i + shard_size, len(seeds)))),
+                  tuple(seeds[i:i + shard_size])) for i in range(0, len(seeds), shard_size)]
+
+
+def shard_path(run_dir: Path, index: int) -> Path:
+    return run_dir / SHARD_DIR / f"shard-{index:06d}.npz"
+
+
+def write_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    """Write ``arrays`` to ``path`` so that readers see either nothing or the whole file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_shard(path: Path) -> dict[str, np.ndarray] | None:
+    """A finished shard's arrays, or ``None`` if it does not exist or cannot be read (it is then redone)."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        return None
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import diffusers
+    import transformers
+
+    import guidekit
+
+    return {"guidekit": guidekit.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+class ImageSource:
+    """Makes the images of a run: the pipeline, its scheduler and guidance, and per-image conditioning."""
+
+    def __init__(self, config: EvalConfig, device: torch.device) -> None:
+        from guidekit.bridge.families import family_of_class
+        from guidekit.bridge.install import set_guidance
+        from guidekit.bridge.loading import load_pipeline
+        from guidekit.bridge.schedulers import make_scheduler
+        from guidekit.guidance.spec import parse_guidance
+
+        self.config, self.device = config, device
+        dtype = getattr(torch, config.dtype)
+        self.pipe, self.defaults = load_pipeline(config.model, dtype=dtype)
+        self.pipe = self.pipe.to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        if config.scheduler:
+            self.pipe.scheduler = make_scheduler(config.scheduler, self.pipe.scheduler.config)
+        self.family = family_of_class(type(self.pipe))
+        self.guidance = None if config.guidance in (None, "", "none") else parse_guidance(config.guidance)
+        if self.guidance is not None:
+            set_guidance(self.pipe, self.guidance)
+            self.scale = 2.0 if self.guidance.uses_unconditional else 1.0
+        else:
+            self.scale = 1.0 if config.guidance_scale is None else config.guidance_scale
+        self.prompts = config.prompts()
+        self.rows = 0
+        denoiser = getattr(self.pipe, self.family.denoiser)
+        if self.guidance is None:  # native CFG: count the rows the network sees
+            denoiser.register_forward_pre_hook(self._count_rows, with_kwargs=True)
+
+    def _count_rows(self, module: Any, args: tuple, kwargs: dict) -> None:
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        self.rows += int(sample.shape[0])
+
+    def prompt_index(self, position: int) -> int:
+        return position % len(self.prompts) if self.prompts else -1
+
+    def label(self, position: int) -> int | None:
+        labels = self.config.class_labels
+        return None if not labels else labels[position % len(labels)]
+
+    def __call__(self, positions: list[int], seeds: list[int]) -> np.ndarray:
+        """uint8 images (N, H, W, 3) of the given run positions and seeds."""
+        kwargs = dict(self.defaults)
+        n = len(positions)
+        params = inspect.signature(type(self.pipe).__call__).parameters
+        if "prompt" in params:
+            prompts = [self.prompts[self.prompt_index(p)] for p in positions] if self.prompts else \
+                (kwargs.get("prompt") or [""])[:1] * n
+            kwargs["prompt"] = prompts
+            if "negative_prompt" in kwargs:
+                kwargs["negative_prompt"] = kwargs["negative_prompt"][:1] * n
+        if "class_labels" in params:
+            labels = [self.label(p) for p in positions]
+            kwargs["class_labels"] = labels if labels[0] is not None else (kwargs.get("class_labels") or [0])[:1] * n
+        if self.config.resolution:
+            kwargs["height"] = kwargs["width"] = self.config.resolution
+        kwargs[self.family.scale_arg] = self.scale
+        generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        out = self.pipe(**kwargs, num_inference_steps=self.config.steps, generator=generators, output_type="np")
+        if self.guidance is not None:
+            stats = self.pipe.guidance_stats
+            self.rows += stats.cond_rows + stats.uncond_rows
+        images = np.asarray(out.images, dtype=np.float32)
+        return np.clip(np.round(images * 255), 0, 255).astype(np.uint8)
+
+
+_EXTRACTED = ("networks", "saturation")
+
+
+def _check_settings(run_dir: Path, settings: dict[str, Any]) -> None:
+    """Record the run's settings, or check that a rerun repeats them (it may extract less from the images)."""
+    path = run_dir / SETTINGS
+    if not path.exists():
+        write_text_atomic(path, json.dumps(settings, indent=1, sort_keys=True))
+        return
+    previous = json.loads(path.read_text())
+    changed = sorted(k for k in set(previous) | set(settings)
+                     if k not in _EXTRACTED and previous.get(k) != settings.get(k))
+    if changed:
+        raise ValueError(f"output_dir={str(run_dir)!r} holds a run with other settings ({', '.join(changed)}); "
+                         "expected the same settings to resume, or a new output_dir")
+    missing = [f"{key}: {spec}" for key, spec in settings["networks"].items()
+               if previous["networks"].get(key) != spec]
+    if settings["saturation"] and not previous["saturation"]:
+        missing.append("saturation")
+    if missing:
+        raise ValueError(f"output_dir={str(run_dir)!r} holds shards without {', '.join(missing)}, which these metrics "
+                         "need; expected a new output_dir (or the metrics of the first run)")
+
+
+def run_eval(config: EvalConfig, *, progress: bool = True) -> dict[str, Any] | None:
+    """Run (or resume) ``config``; return the result on the main process, ``None`` on the others."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # without CUDA, processes meet over gloo
+    run_dir = Path(config.output_dir)
+    seeds = parse_seeds(config.seeds)
+    shards = plan_shards(seeds, config.shard_size)
+    settings = config.sample_settings()
+    if state.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _check_settings(run_dir, settings)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        _check_settings(run_dir, settings)
+    mine = [s for s in shards if s.index % state.num_processes == state.process_index
+            and read_shard(shard_path(run_dir, s.index)) is None]
+    start = time.perf_counter()
+    if mine:
+        _make_shards(config, run_dir, mine, state.device, progress and state.is_local_main_process, tqdm)
+    sampling_seconds = time.perf_counter() - start
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    result = aggregate(config, run_dir, shards)
+    result["run"] = {"num_processes": state.num_processes, "device": str(state.device),
+                     "seconds_this_invocation": round(sampling_seconds, 3), "shards_made_here": len(mine),
+                     "versions": _versions(), "platform": platform.platform()}
+    write_text_atomic(run_dir / RESULT, json.dumps(result, indent=1, sort_keys=True))
+    return result
+
+
+def _make_shards(config: EvalConfig, run_dir: Path, shards: list[Shard], device: torch.device, progress: bool,
+                 tqdm: Any) -> None:
+    from guidekit.evaluation.features import load_feature_network
+    from guidekit.evaluation.image_metrics import saturation
+
+    source = ImageSource(config, device)
+    networks = {key: load_feature_network(_network_spec(key, spec), device) for key, spec in config.networks().items()}
+    keep_saturation = config.sample_settings()["saturation"]
+    bar = tqdm(total=sum(len(s.seeds) for s in shards), disable=not progress, desc="images", unit="img")
+    for shard in shards:
+        arrays: dict[str, list[np.ndarray]] = {}
+        images_kept = []
+        rows_before = source.rows
+        for b in range(0, len(shard.seeds), config.batch_size):
+            positions = list(shard.positions[b:b + config.batch_size])
+            images = source(positions, list(shard.seeds[b:b + config.batch_size]))
+            batch = torch.from_numpy(images).permute(0, 3, 1, 2)
+            for key, network in networks.items():
+                out = network(batch)
+                arrays.setdefault(f"{key}_features", []).append(out.features.numpy())
+                if key == "features" and out.logits is not None:
+                    arrays.setdefault("logits", []).append(out.logits.float().numpy())
+            if keep_saturation:
+                arrays.setdefault("saturation", []).append(np.asarray(saturation(images), dtype=np.float64))
+            arrays.setdefault("prompt_index", []).append(np.array([source.prompt_index(p) for p in positions]))
+            if config.save_images != "none":
+                images_kept.append(images)
+            bar.update(len(positions))
+        record = {k: np.concatenate(v) for k, v in arrays.items()}
+        record["seeds"] = np.asarray(shard.seeds, dtype=np.int64)
+        record["rows"] = np.asarray(source.rows - rows_before, dtype=np.int64)
+        if images_kept:
+            _save_images(config, run_dir, shard, np.concatenate(images_kept))
+        write_npz_atomic(shard_path(run_dir, shard.index), **record)
+    bar.close()
+
+
+def _network_spec(key: str, spec: str) -> str:
+    return spec if key == "features" else f"{key}:{spec}"
+
+
+def _save_images(config: EvalConfig, run_dir: Path, shard: Shard, images: np.ndarray) -> None:
+    from PIL import Image
+
+    if config.save_images == "npz":  # ADM's sample-batch layout: arr_0 uint8 NHWC
+        write_npz_atomic(run_dir / "images" / f"shard-{shard.index:06d}.npz", arr_0=images)
+        return
+    folder = run_dir / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, image in zip(shard.seeds, images, strict=True):
+        path = folder / f"seed{seed:08d}.png"
+        tmp = path.with_name(f".{path.name}.tmp")
+        Image.fromarray(image).save(tmp, format="PNG")
+        os.replace(tmp, path)
+
+
+def _load_all(run_dir: Path, shards: list[Shard]) -> dict[str, np.ndarray]:
+    records = []
+    for shard in shards:
+        record = read_shard(shard_path(run_dir, shard.index))
+        if record is None:
+            raise RuntimeError(f"shard {shard.index} of {str(run_dir)!r} is missing; rerun the same command to "
+                               "finish the run")
+        records.append(record)
+    keys = [k for k in records[0] if k != "rows"]
+    merged = {k: np.concatenate([r[k] for r in records]) for k in keys}
+    merged["rows"] = np.asarray(sum(int(r["rows"]) for r in records))
+    return merged
+
+
+def aggregate(config: EvalConfig, run_dir: Path, shards: list[Shard]) -> dict[str, Any]:
+    """Merge the shards in order and compute the metrics of ``config``."""
+    from guidekit.evaluation import metrics as m
+
+    data = _load_all(run_dir, shards)
+    n = len(data["seeds"])
+    values, details = m.compute(config, data)
+    return {"metrics": values, "details": details, "images": n,
+            "nfe_per_image": float(data["rows"]) / n, "settings": config.sample_settings(),
+            "metric_settings": {"metrics": config.metrics, "reference": config.reference,
+                                "clip_reference": config.clip_reference, "dinov2_reference": config.dinov2_reference,
+                                "kid_subsets": config.kid_subsets, "kid_subset_size": config.kid_subset_size,
+                                "pr_k": config.pr_k, "dc_k": config.dc_k},
+            "metric_needs": {k: METRICS[k] for k in config.metrics}}
