@@ -248,7 +248,7 @@ class FeatureNetwork(abc.ABC):
         if len(batch) == 0:
             raise ValueError("images with 0 rows are not accepted; expected at least one image")
         features, logits = [], []
-        with torch.no_grad():
+        with torch.inference_mode():  # no autograd bookkeeping at all
             for start in range(0, len(batch), self.batch_size):
                 chunk = batch[start:start + self.batch_size]
                 feats, logit = self._forward(chunk)

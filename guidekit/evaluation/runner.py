@@ -94,7 +94,7 @@ class ImageSource:
 
     def __init__(self, config: EvalConfig, device: torch.device) -> None:
         from guidekit.bridge.families import family_of_class
-        from guidekit.bridge.install import set_guidance
+        from guidekit.bridge.install import brings_sampler, set_guidance
         from guidekit.bridge.loading import load_pipeline
         from guidekit.bridge.schedulers import make_scheduler
         from guidekit.guidance.spec import parse_guidance
@@ -104,10 +104,13 @@ class ImageSource:
         self.pipe, self.defaults = load_pipeline(config.model, dtype=dtype)
         self.pipe = self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
-        if config.scheduler:
-            self.pipe.scheduler = make_scheduler(config.scheduler, self.pipe.scheduler.config)
         self.family = family_of_class(type(self.pipe))
         self.guidance = None if config.guidance in (None, "", "none") else parse_guidance(config.guidance)
+        if config.scheduler:
+            if self.guidance is not None and brings_sampler(self.guidance):
+                raise ValueError(f"scheduler={config.scheduler!r} is not accepted with guidance {config.guidance!r}, "
+                                 "which installs its own sampler; expected no scheduler")
+            self.pipe.scheduler = make_scheduler(config.scheduler, self.pipe.scheduler.config)
         if self.guidance is not None:
             set_guidance(self.pipe, self.guidance)
             self.scale = 2.0 if self.guidance.uses_unconditional else 1.0
