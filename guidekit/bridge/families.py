@@ -44,6 +44,7 @@ FAMILIES: dict[str, Family] = {
         "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
         "StableDiffusionXLControlNetPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",
         "StableDiffusionXLControlNetInpaintPipeline",
+        "ClassConditionalPipeline",
     ), _UNET),
     "DiTPipeline": Family("transformer", cond_first=True),
     **dict.fromkeys(("PixArtAlphaPipeline", "PixArtSigmaPipeline", "SanaPipeline", "MixturePipeline"), _TRANSFORMER),

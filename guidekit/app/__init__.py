@@ -1,0 +1,1 @@
+"""The demo app and its embedded default model."""

@@ -1,0 +1,89 @@
+"""A class-conditional pixel-space diffusion pipeline for ``UNet2DModel`` with class embeddings.
+
+diffusers has no pipeline for a class-conditional UNet in pixel space (``DDPMPipeline`` is unconditional, DiT
+works in a VAE latent space), so guidekit's embedded default model comes with this one. It batches
+``[uncond; cond]`` rows in one call under CFG, as SD's pipeline does, so ``set_guidance`` runs on it unchanged.
+Class id ``num_classes`` (the UNet's last class embedding) is the null class the model was trained with
+through label dropout.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+class ClassConditionalPipeline(DiffusionPipeline):
+    """Sample images of given classes from a class-conditional ``UNet2DModel`` trained with a null class."""
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: UNet2DModel, scheduler: object) -> None:
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @property
+    def num_classes(self) -> int:
+        """Real classes; id ``num_classes`` is the null class."""
+        return int(self.unet.config.num_class_embeds) - 1
+
+    @torch.no_grad()
+    def __call__(self, class_labels: list[int] | int, num_inference_steps: int = 20, guidance_scale: float = 1.0,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 latents: torch.Tensor | None = None, output_type: str = "pil",
+                 return_dict: bool = True) -> ImagePipelineOutput | tuple:
+        """Draw one image per entry of ``class_labels``.
+
+        Args:
+            class_labels: class ids in ``[0, num_classes]`` (``num_classes`` = unconditional).
+            num_inference_steps: solver steps, ``>= 1``.
+            guidance_scale: CFG weight ``w`` (``1`` = none); the unconditional rows run when ``> 1``.
+            generator: one generator, or one per image (per-image seeds).
+            latents: initial noise ``(N, C, H, W)`` at unit scale.
+            output_type: ``"pil"``, ``"np"`` (float NHWC in [0, 1]) or ``"pt"`` (float NCHW in [0, 1]).
+        """
+        labels = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels,
+                                 dtype=torch.long).reshape(-1)
+        if bool(((labels < 0) | (labels > self.num_classes)).any()):
+            raise ValueError(f"class_labels={labels.tolist()} are not accepted; expected ids in "
+                             f"[0, {self.num_classes}] ({self.num_classes} = unconditional)")
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
+                or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r} is not accepted; expected an int >= 1")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r} is not accepted; expected one of {', '.join(OUTPUT_TYPES)}")
+        unet, device = self.unet, self.unet.device
+        size = unet.config.sample_size
+        shape = (len(labels), unet.config.in_channels, size, size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=unet.dtype)
+        latents = latents.to(device, unet.dtype) * self.scheduler.init_noise_sigma
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        do_cfg = guidance_scale > 1
+        labels = labels.to(device)
+        model_labels = torch.cat([torch.full_like(labels, self.num_classes), labels]) if do_cfg else labels
+        accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        step_kwargs = {"generator": generator} if accepts_generator and not isinstance(generator, list) else {}
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = torch.cat([latents, latents]) if do_cfg else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            pred = unet(model_input, t, class_labels=model_labels).sample
+            if do_cfg:
+                uncond, cond = pred.chunk(2)
+                pred = uncond + guidance_scale * (cond - uncond)
+            latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
+        images = (latents.float() / 2 + 0.5).clamp(0, 1)
+        self.maybe_free_model_hooks()
+        if output_type == "pt":
+            out = images
+        else:
+            out = images.permute(0, 2, 3, 1).cpu().numpy()
+            if output_type == "pil":
+                out = self.numpy_to_pil(np.asarray(out))
+        return ImagePipelineOutput(images=out) if return_dict else (out,)
