@@ -16,7 +16,45 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
+from guidekit.guidance.base import check_int
+
 OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+def check_call(class_labels: object, num_classes: int, num_inference_steps: object) -> torch.Tensor:
+    """The class ids as a long tensor ``(N,)``; a ``ValueError`` for ids outside ``[0, num_classes]`` or a step
+    count below 1. Id ``num_classes`` is the null class."""
+    labels = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels,
+                             dtype=torch.long).reshape(-1)
+    if bool(((labels < 0) | (labels > num_classes)).any()):
+        raise ValueError(f"class_labels={labels.tolist()} are not accepted; expected ids in "
+                         f"[0, {num_classes}] ({num_classes} = unconditional)")
+    check_int("num_inference_steps", num_inference_steps, low=1)
+    return labels
+
+
+def denoise_with_cfg(pipe: DiffusionPipeline, model: torch.nn.Module, latents: torch.Tensor, labels: torch.Tensor,
+                     null_label: int, guidance_scale: float,
+                     generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """SD's sampling loop over ``pipe.scheduler``'s timesteps (already set) for a class-conditional ``model``.
+
+    Under CFG (``guidance_scale > 1``) each call holds ``[uncond; cond]`` rows, the unconditional ones labelled
+    ``null_label``, and the pipeline combines them as ``u + w (c - u)``. ``step`` gets the generator when it takes
+    one and it is a single generator.
+    """
+    do_cfg = guidance_scale > 1
+    model_labels = torch.cat([torch.full_like(labels, null_label), labels]) if do_cfg else labels
+    accepts_generator = "generator" in inspect.signature(pipe.scheduler.step).parameters
+    step_kwargs = {"generator": generator} if accepts_generator and not isinstance(generator, list) else {}
+    for t in pipe.progress_bar(pipe.scheduler.timesteps):
+        model_input = torch.cat([latents, latents]) if do_cfg else latents
+        model_input = pipe.scheduler.scale_model_input(model_input, t)
+        pred = model(model_input, t, class_labels=model_labels).sample
+        if do_cfg:
+            uncond, cond = pred.chunk(2)
+            pred = uncond + guidance_scale * (cond - uncond)
+        latents = pipe.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
+    return latents
 
 
 class ClassConditionalPipeline(DiffusionPipeline):
@@ -48,14 +86,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
             latents: initial noise ``(N, C, H, W)`` at unit scale.
             output_type: ``"pil"``, ``"np"`` (float NHWC in [0, 1]) or ``"pt"`` (float NCHW in [0, 1]).
         """
-        labels = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels,
-                                 dtype=torch.long).reshape(-1)
-        if bool(((labels < 0) | (labels > self.num_classes)).any()):
-            raise ValueError(f"class_labels={labels.tolist()} are not accepted; expected ids in "
-                             f"[0, {self.num_classes}] ({self.num_classes} = unconditional)")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
-                or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps={num_inference_steps!r} is not accepted; expected an int >= 1")
+        labels = check_call(class_labels, self.num_classes, num_inference_steps)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not accepted; expected one of {', '.join(OUTPUT_TYPES)}")
         unet, device = self.unet, self.unet.device
@@ -65,19 +96,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=unet.dtype)
         latents = latents.to(device, unet.dtype) * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        do_cfg = guidance_scale > 1
-        labels = labels.to(device)
-        model_labels = torch.cat([torch.full_like(labels, self.num_classes), labels]) if do_cfg else labels
-        accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
-        step_kwargs = {"generator": generator} if accepts_generator and not isinstance(generator, list) else {}
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = torch.cat([latents, latents]) if do_cfg else latents
-            model_input = self.scheduler.scale_model_input(model_input, t)
-            pred = unet(model_input, t, class_labels=model_labels).sample
-            if do_cfg:
-                uncond, cond = pred.chunk(2)
-                pred = uncond + guidance_scale * (cond - uncond)
-            latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
+        latents = denoise_with_cfg(self, unet, latents, labels.to(device), self.num_classes, guidance_scale, generator)
         images = (latents.float() / 2 + 0.5).clamp(0, 1)
         self.maybe_free_model_hooks()
         if output_type == "pt":

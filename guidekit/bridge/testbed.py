@@ -17,7 +17,6 @@ by linear interpolation of ``log sigma`` over the training table (the inverse of
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput
 
+from guidekit.bridge.class_pipeline import check_call, denoise_with_cfg
 from guidekit.parameterization import NoiseLevel
 from guidekit.testbed.mixture import GaussianMixture
 
@@ -183,29 +183,12 @@ class MixturePipeline(DiffusionPipeline):
             latents: initial latents ``(batch, dim)`` at unit scale (multiplied by ``init_noise_sigma``).
         """
         model = self.transformer
-        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
-        if bool(((labels < 0) | (labels > model.num_classes)).any()):
-            raise ValueError(f"class_labels={labels.tolist()} are not accepted; expected ids in "
-                             f"[0, {model.num_classes}] ({model.num_classes} = unconditional)")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps={num_inference_steps!r} is not accepted; expected an int >= 1")
+        labels = check_call(class_labels, model.num_classes, num_inference_steps)
         device, n = model.device, len(labels)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         if latents is None:
             latents = torch.randn(n, model.mixture.dim, generator=generator, dtype=torch.float64)
         latents = latents.to(device, torch.float64) * self.scheduler.init_noise_sigma
-        do_cfg = guidance_scale > 1
-        null = torch.full_like(labels, model.num_classes)
-        model_labels = torch.cat([null, labels]) if do_cfg else labels
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters \
-            else {}
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = torch.cat([latents, latents]) if do_cfg else latents
-            model_input = self.scheduler.scale_model_input(model_input, t)
-            pred = model(model_input, t, class_labels=model_labels).sample
-            if do_cfg:
-                uncond, cond = pred.chunk(2)
-                pred = uncond + guidance_scale * (cond - uncond)
-            latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
+        latents = denoise_with_cfg(self, model, latents, labels, model.num_classes, guidance_scale, generator)
         self.maybe_free_model_hooks()
         return MixturePipelineOutput(samples=latents) if return_dict else (latents,)

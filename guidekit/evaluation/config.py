@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from guidekit.guidance.base import check_int
+
 #: Metrics ``guidekit eval`` knows, and the feature network each needs.
 METRICS: dict[str, str] = {
     "fid": "features", "precision": "features", "recall": "features", "density": "features",
@@ -22,6 +24,19 @@ METRICS: dict[str, str] = {
 }
 DTYPES = ("float32", "float16", "bfloat16")
 SAVE_IMAGES = ("none", "png", "npz")
+
+
+def read_json_object(path: str | Path, name: str) -> dict[str, Any]:
+    """The JSON object in ``path``; a ``ValueError`` naming ``name`` if it is missing, invalid or not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{name}={str(path)!r} is not accepted; the file does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name}={str(path)!r} is not accepted; it is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{name}={str(path)!r} is not accepted; expected a JSON object of settings")
+    return data
 
 
 def parse_seeds(text: str | list[int]) -> list[int]:
@@ -75,14 +90,7 @@ class EvalConfig:
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> EvalConfig:
         """Read a JSON config; ``overrides`` (non-None values) replace its fields."""
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ValueError(f"config={str(path)!r} is not accepted; the file does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"config={str(path)!r} is not accepted; it is not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"config={str(path)!r} is not accepted; expected a JSON object of settings")
+        data = read_json_object(path, "config")
         return cls.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}})
 
     @classmethod
@@ -101,9 +109,7 @@ class EvalConfig:
     def validate(self) -> None:
         """Raise a ``ValueError`` naming the first bad field, its value and what is accepted."""
         for name in ("steps", "batch_size", "shard_size", "kid_subsets", "kid_subset_size", "pr_k", "dc_k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} is not accepted; expected an integer >= 1")
+            check_int(name, getattr(self, name), low=1)
         parse_seeds(self.seeds)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not accepted; expected one of {', '.join(DTYPES)}")

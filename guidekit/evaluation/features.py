@@ -48,6 +48,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from guidekit.guidance.base import check_int
+
 __all__ = [
     "INCEPTION_ENV",
     "INCEPTION_FILENAME",
@@ -214,10 +216,8 @@ class FeatureNetwork(abc.ABC):
     """
 
     def __init__(self, name: str, dim: int, preprocessing: str, device: str | torch.device, batch_size: int) -> None:
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim={dim!r} is not accepted; expected a positive integer")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} is not accepted; expected a positive integer")
+        check_int("dim", dim, low=1)
+        check_int("batch_size", batch_size, low=1)
         self.name = name
         self.dim = dim
         self.preprocessing = preprocessing

@@ -37,6 +37,7 @@ from PIL import Image
 
 from guidekit.evaluation.features import FeatureNetwork
 from guidekit.evaluation.stats import RunningStatistics
+from guidekit.guidance.base import check_int
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -155,7 +156,7 @@ def load_reference(path: str | Path, expected_dim: int | None = None, *, network
         ValueError: not an .npz archive, a corrupt array, missing keys, wrong shapes, a dimension other than
             ``expected_dim``, NaN or infinite values, or a network mismatch.
     """
-    _check_batch_size(batch_size)
+    check_int("batch_size", batch_size, low=1)
     file, archive = _open_npz(path, "path")
     with archive:
         keys = set(archive.files)
@@ -245,16 +246,11 @@ def _accumulate(batches: Iterator[np.ndarray], network: FeatureNetwork, keep_fea
                                network.identity())
 
 
-def _check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} is not accepted; expected a positive integer")
-
-
 def reference_from_npz_images(path: str | Path, network: FeatureNetwork, batch_size: int = 256, *,
                               keep_features: bool = True) -> ReferenceStatistics:
     """Reference statistics of the ``arr_0`` images (uint8 NHWC) of an ADM sample or reference batch ``.npz``,
     computed with ``network``; stored ``mu``/``sigma`` in the file are ignored."""
-    _check_batch_size(batch_size)
+    check_int("batch_size", batch_size, low=1)
     file, archive = _open_npz(path, "path")
     with archive:
         if "arr_0" not in archive.files:
@@ -299,7 +295,7 @@ def reference_from_folder(folder: str | Path, network: FeatureNetwork, batch_siz
     converted to RGB with PIL and passed to the network ``batch_size`` at a time; images may differ in size
     (the network's preprocessing resizes them).
     """
-    _check_batch_size(batch_size)
+    check_int("batch_size", batch_size, low=1)
     directory = Path(folder).expanduser()
     if not directory.is_dir():
         raise FileNotFoundError(f"folder={str(folder)!r} is not accepted; no such directory")

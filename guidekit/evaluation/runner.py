@@ -117,6 +117,7 @@ class ImageSource:
         else:
             self.scale = 1.0 if config.guidance_scale is None else config.guidance_scale
         self.prompts = config.prompts()
+        self.params = inspect.signature(type(self.pipe).__call__).parameters
         self.rows = 0
         denoiser = getattr(self.pipe, self.family.denoiser)
         if self.guidance is None:  # native CFG: count the rows the network sees
@@ -137,14 +138,13 @@ class ImageSource:
         """uint8 images (N, H, W, 3) of the given run positions and seeds."""
         kwargs = dict(self.defaults)
         n = len(positions)
-        params = inspect.signature(type(self.pipe).__call__).parameters
-        if "prompt" in params:
+        if "prompt" in self.params:
             prompts = [self.prompts[self.prompt_index(p)] for p in positions] if self.prompts else \
                 (kwargs.get("prompt") or [""])[:1] * n
             kwargs["prompt"] = prompts
             if "negative_prompt" in kwargs:
                 kwargs["negative_prompt"] = kwargs["negative_prompt"][:1] * n
-        if "class_labels" in params:
+        if "class_labels" in self.params:
             labels = [self.label(p) for p in positions]
             kwargs["class_labels"] = labels if labels[0] is not None else (kwargs.get("class_labels") or [0])[:1] * n
         if self.config.resolution:

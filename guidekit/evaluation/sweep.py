@@ -18,23 +18,17 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any
 
-from guidekit.evaluation.config import EvalConfig
+from guidekit.evaluation.config import EvalConfig, read_json_object
 from guidekit.evaluation.runner import run_eval, write_text_atomic
 
 COLUMNS = ("method", "weight", "scheduler", "steps", "guidance", "nfe_per_image", "images")
 
 
 def load_sweep(path: str | Path) -> dict[str, Any]:
-    try:
-        sweep = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"sweep={str(path)!r} is not accepted; the file does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"sweep={str(path)!r} is not accepted; it is not valid JSON ({exc})") from None
+    sweep = read_json_object(path, "sweep")
     for key in ("output_dir", "base", "methods", "weights"):
         if key not in sweep:
             raise ValueError(f"sweep={str(path)!r} is not accepted; it lacks {key!r} (expected output_dir, base, "

@@ -83,6 +83,13 @@ def check_number(name: str, value: object, *, low: float | None = None, high: fl
     return v
 
 
+def check_int(name: str, value: object, *, low: int) -> int:
+    """Return ``value`` if it is an integer ``>= low`` (not a bool), else a ``ValueError`` naming the parameter."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} is not accepted; expected an integer >= {low}")
+    return value
+
+
 class Guidance:
     """Base class of every guidance method.
 

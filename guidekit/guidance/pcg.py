@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from guidekit.guidance.base import Guidance, GuidanceContext, check_number
+from guidekit.guidance.base import Guidance, GuidanceContext, check_int, check_number
 
 
 @dataclass(eq=True)
@@ -34,9 +34,7 @@ class PCG(Guidance):
 
     def __post_init__(self) -> None:
         self.gamma = check_number("gamma", self.gamma, low=0.0)
-        if (isinstance(self.corrector_steps, bool) or not isinstance(self.corrector_steps, int)
-                or self.corrector_steps < 0):
-            raise ValueError(f"corrector_steps={self.corrector_steps!r} is not accepted; expected an int >= 0")
+        check_int("corrector_steps", self.corrector_steps, low=0)
         self.step_scale = check_number("step_scale", self.step_scale, low=0.0, low_open=True)
 
     @property

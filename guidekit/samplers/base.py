@@ -22,6 +22,7 @@ from diffusers import DDPMScheduler
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
+from guidekit.guidance.base import check_int, check_number
 from guidekit.parameterization import NoiseLevel
 
 _PREDICTION_SPACES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -70,6 +71,15 @@ class VPSampler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps: int | None = None
         self._call = 0
 
+    def _karras_range(self, sigma_min: float | None, sigma_max: float | None, rho: float) -> None:
+        """Set ``sigma_min`` and ``sigma_max`` of Karras noise levels (default: the training schedule's range)."""
+        check_number("rho", rho, low=0.0, low_open=True)
+        self.sigma_min = float(self.train_sigmas[0] if sigma_min is None else sigma_min)
+        self.sigma_max = float(self.train_sigmas[-1] if sigma_max is None else sigma_max)
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"sigma_min={sigma_min!r}, sigma_max={sigma_max!r} are not accepted; expected "
+                             "0 < sigma_min < sigma_max")
+
     def sigma_to_t(self, sigma: float) -> float:
         """The (fractional) training timestep of EDM noise level ``sigma``."""
         log_sigma = math.log(max(sigma, 1e-10))
@@ -83,8 +93,7 @@ class VPSampler(SchedulerMixin, ConfigMixin):
         return low + (log_sigma - table[low]) / (table[high] - table[low])
 
     def _check_steps(self, num_inference_steps: int) -> None:
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps={num_inference_steps!r} is not accepted; expected an int >= 1")
+        check_int("num_inference_steps", num_inference_steps, low=1)
 
     def _finish_plan(self, calls: list[SamplerCall], num_inference_steps: int, device: str | torch.device | None
                      ) -> None:

@@ -24,7 +24,6 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from guidekit.guidance.base import check_number
 from guidekit.guidance.cfgpp import CFGPP_SOLVERS
 from guidekit.samplers.base import SamplerCall, VPSampler, karras_sigmas
 
@@ -48,12 +47,7 @@ class CFGPPScheduler(VPSampler):
                              prediction_type)
         if solver not in CFGPP_SOLVERS:
             raise ValueError(f"solver={solver!r} is not accepted; expected one of {', '.join(CFGPP_SOLVERS)}")
-        check_number("rho", rho, low=0.0, low_open=True)
-        self.sigma_min = float(self.train_sigmas[0] if sigma_min is None else sigma_min)
-        self.sigma_max = float(self.train_sigmas[-1] if sigma_max is None else sigma_max)
-        if not 0 < self.sigma_min < self.sigma_max:
-            raise ValueError(f"sigma_min={sigma_min!r}, sigma_max={sigma_max!r} are not accepted; expected "
-                             "0 < sigma_min < sigma_max")
+        self._karras_range(sigma_min, sigma_max, rho)
         self.sigmas: list[float] = []
         self._unconditional: torch.Tensor | None = None
         self._previous_unconditional: torch.Tensor | None = None

@@ -53,16 +53,11 @@ class EDMHeunScheduler(VPSampler):
                  s_noise: float = 1.0) -> None:
         self._setup_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                              prediction_type)
-        check_number("rho", rho, low=0.0, low_open=True)
+        self._karras_range(sigma_min, sigma_max, rho)
         check_number("s_churn", s_churn, low=0.0)
         check_number("s_noise", s_noise, low=0.0)
         if not s_tmin >= 0 or not s_tmax >= s_tmin:
             raise ValueError(f"s_tmin={s_tmin!r}, s_tmax={s_tmax!r} are not accepted; expected 0 <= s_tmin <= s_tmax")
-        self.sigma_min = float(self.train_sigmas[0] if sigma_min is None else sigma_min)
-        self.sigma_max = float(self.train_sigmas[-1] if sigma_max is None else sigma_max)
-        if not 0 < self.sigma_min < self.sigma_max:
-            raise ValueError(f"sigma_min={sigma_min!r}, sigma_max={sigma_max!r} are not accepted; expected "
-                             "0 < sigma_min < sigma_max")
         self.sigmas: list[float] = []
         self.gammas: list[float] = []
         self._saved: tuple[torch.Tensor, torch.Tensor, float] | None = None

@@ -27,7 +27,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from guidekit.guidance.base import check_number
+from guidekit.guidance.base import check_int, check_number
 from guidekit.samplers.base import SamplerCall, VPSampler
 
 
@@ -47,8 +47,7 @@ class PCGScheduler(VPSampler):
                  prediction_type: str = "epsilon", corrector_steps: int = 1, step_scale: float = 1.0) -> None:
         self._setup_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                              prediction_type)
-        if isinstance(corrector_steps, bool) or not isinstance(corrector_steps, int) or corrector_steps < 0:
-            raise ValueError(f"corrector_steps={corrector_steps!r} is not accepted; expected an int >= 0")
+        check_int("corrector_steps", corrector_steps, low=0)
         check_number("step_scale", step_scale, low=0.0, low_open=True)
         self.sigmas: list[float] = []
         self._step = 0
