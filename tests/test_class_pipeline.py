@@ -78,3 +78,22 @@ def test_digits_are_real_shapes_with_random_colours() -> None:
     assert a.shape == (len(labels), 3, 8, 8) and a.dtype == torch.uint8 and not torch.equal(a, b)
     with pytest.raises(ValueError, match="split='val'"):
         digit_shapes("val")
+
+
+def test_euler_starts_at_its_first_sigma_and_matches_ddim() -> None:
+    """DDIM is Euler's method on the probability-flow ODE in EDM units, so on the same timesteps the two agree.
+    init_noise_sigma must be read after set_timesteps: before, Euler's is the training table's last sigma (about 2e4
+    on the cosine schedule) and the images are noise."""
+    from diffusers import EulerDiscreteScheduler
+
+    from guidekit.bridge.loading import load_pipeline
+
+    pipe, _ = load_pipeline("default")
+    ddim_scheduler = pipe.scheduler
+    gens = [torch.Generator().manual_seed(s) for s in range(4)]
+    ddim = pipe([1, 4, 7, 9], num_inference_steps=50, guidance_scale=3.0, generator=gens, output_type="pt")
+    pipe.scheduler = EulerDiscreteScheduler.from_config(ddim_scheduler.config)
+    gens = [torch.Generator().manual_seed(s) for s in range(4)]
+    euler = pipe([1, 4, 7, 9], num_inference_steps=50, guidance_scale=3.0, generator=gens, output_type="pt")
+    assert pipe.scheduler.timesteps[0] == ddim_scheduler.timesteps[0]
+    assert (euler.images - ddim.images).abs().mean() < 0.01

@@ -94,8 +94,10 @@ class ClassConditionalPipeline(DiffusionPipeline):
         shape = (len(labels), unet.config.in_channels, size, size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=unet.dtype)
-        latents = latents.to(device, unet.dtype) * self.scheduler.init_noise_sigma
+        # init_noise_sigma depends on the timesteps (Euler, Heun: the first sigma), so set them first, as diffusers'
+        # pipelines do; before set_timesteps it is the training table's last sigma (cosine schedule: about 6e3).
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = latents.to(device, unet.dtype) * self.scheduler.init_noise_sigma
         latents = denoise_with_cfg(self, unet, latents, labels.to(device), self.num_classes, guidance_scale, generator)
         images = (latents.float() / 2 + 0.5).clamp(0, 1)
         self.maybe_free_model_hooks()
