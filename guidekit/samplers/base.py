@@ -26,6 +26,22 @@ from guidekit.guidance.base import check_int, check_number
 from guidekit.parameterization import NoiseLevel
 
 _PREDICTION_SPACES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+
+
+def spaced_timesteps(n: int, num_train_timesteps: int, spacing: str, steps_offset: int = 0) -> list[int]:
+    """``n`` training timesteps, descending, in diffusers' ``timestep_spacing`` (Lin et al. 2024, "Common Diffusion
+    Noise Schedules and Sample Steps are Flawed", Table 2): ``"linspace"`` rounds ``linspace(0, T - 1, n)``,
+    ``"leading"`` takes multiples of ``T // n`` plus ``steps_offset``, ``"trailing"`` counts down from ``T - 1`` in
+    steps of ``T / n``. A single ``"linspace"`` step starts at ``T - 1`` (diffusers' would start at 0)."""
+    T = num_train_timesteps
+    if spacing == "linspace":
+        steps = [round((n - 1 - i) * (T - 1) / (n - 1)) for i in range(n)] if n > 1 else [T - 1]
+    elif spacing == "leading":
+        steps = [(n - 1 - i) * (T // n) + steps_offset for i in range(n)]
+    else:
+        steps = [round(T - i * T / n) - 1 for i in range(n)]
+    return [min(t, T - 1) for t in steps]
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
@@ -56,7 +72,12 @@ class VPSampler(SchedulerMixin, ConfigMixin):
     init_noise_sigma = 1.0
 
     def _setup_schedule(self, num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
-                        trained_betas: list[float] | None, prediction_type: str) -> None:
+                        trained_betas: list[float] | None, prediction_type: str, timestep_spacing: str,
+                        steps_offset: int) -> None:
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"timestep_spacing={timestep_spacing!r} is not accepted; expected one of "
+                             f"{', '.join(TIMESTEP_SPACINGS)}")
+        check_int("steps_offset", steps_offset, low=0)
         if prediction_type not in _PREDICTION_SPACES:
             raise ValueError(f"prediction_type={prediction_type!r} is not accepted; expected one of "
                              f"{', '.join(_PREDICTION_SPACES)}")
@@ -71,14 +92,28 @@ class VPSampler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps: int | None = None
         self._call = 0
 
+    def spaced_sigmas(self, n: int) -> list[float]:
+        """The training noise levels at the ``n`` timesteps of the configured ``timestep_spacing``."""
+        steps = spaced_timesteps(n, len(self.train_sigmas), self.config.timestep_spacing, self.config.steps_offset)
+        return [float(self.train_sigmas[t]) for t in steps]
+
     def _karras_range(self, sigma_min: float | None, sigma_max: float | None, rho: float) -> None:
-        """Set ``sigma_min`` and ``sigma_max`` of Karras noise levels (default: the training schedule's range)."""
+        """Check the range of Karras noise levels; ``None`` takes the default of :meth:`karras_levels`."""
         check_number("rho", rho, low=0.0, low_open=True)
         self.sigma_min = float(self.train_sigmas[0] if sigma_min is None else sigma_min)
-        self.sigma_max = float(self.train_sigmas[-1] if sigma_max is None else sigma_max)
-        if not 0 < self.sigma_min < self.sigma_max:
+        if not 0 < self.sigma_min < (self.train_sigmas[-1] if sigma_max is None else sigma_max):
             raise ValueError(f"sigma_min={sigma_min!r}, sigma_max={sigma_max!r} are not accepted; expected "
                              "0 < sigma_min < sigma_max")
+
+    def karras_levels(self, n: int) -> list[float]:
+        """``n`` Karras noise levels and a final 0. They run from ``sigma_max`` (default: the first of
+        :meth:`spaced_sigmas`, that is the top of the training table, or under ``"leading"`` spacing where DDIM
+        starts, as diffusers' Karras sigmas do) down to ``sigma_min`` (default: the bottom of the table)."""
+        sigma_max = self.config.sigma_max if self.config.sigma_max is not None else self.spaced_sigmas(n)[0]
+        if not self.sigma_min < sigma_max:
+            raise ValueError(f"sigma_min={self.sigma_min!r} is not accepted with {n} steps; expected it below the "
+                             f"first noise level {sigma_max!r}")
+        return [*karras_sigmas(n, self.sigma_min, sigma_max, self.config.rho), 0.0]
 
     def sigma_to_t(self, sigma: float) -> float:
         """The (fractional) training timestep of EDM noise level ``sigma``."""

@@ -25,7 +25,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from guidekit.guidance.cfgpp import CFGPP_SOLVERS
-from guidekit.samplers.base import SamplerCall, VPSampler, karras_sigmas
+from guidekit.samplers.base import SamplerCall, VPSampler
 
 
 class CFGPPScheduler(VPSampler):
@@ -35,16 +35,20 @@ class CFGPPScheduler(VPSampler):
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type: the model's
             schedule, as in its own scheduler config.
         solver: ``"euler"`` or ``"dpmpp_2m"``.
-        sigma_min, sigma_max, rho: the Karras noise levels (default: the training schedule's range, rho 7).
+        timestep_spacing, steps_offset: where the Karras levels start by default (see
+            :meth:`~guidekit.samplers.base.VPSampler.karras_levels`; diffusers' meaning, ``"linspace"`` by default).
+        sigma_min, sigma_max, rho: the Karras noise levels (default: the training schedule's range, or under
+            ``"leading"`` spacing from where DDIM starts; rho 7).
     """
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
                  beta_schedule: str = "scaled_linear", trained_betas: list[float] | None = None,
-                 prediction_type: str = "epsilon", solver: str = "euler", sigma_min: float | None = None,
+                 prediction_type: str = "epsilon", timestep_spacing: str = "linspace", steps_offset: int = 0,
+                 solver: str = "euler", sigma_min: float | None = None,
                  sigma_max: float | None = None, rho: float = 7.0) -> None:
         self._setup_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                             prediction_type)
+                             prediction_type, timestep_spacing, steps_offset)
         if solver not in CFGPP_SOLVERS:
             raise ValueError(f"solver={solver!r} is not accepted; expected one of {', '.join(CFGPP_SOLVERS)}")
         self._karras_range(sigma_min, sigma_max, rho)
@@ -55,7 +59,7 @@ class CFGPPScheduler(VPSampler):
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """One call per step at Karras noise levels; the last step goes to ``sigma = 0``."""
         self._check_steps(num_inference_steps)
-        self.sigmas = [*karras_sigmas(num_inference_steps, self.sigma_min, self.sigma_max, self.config.rho), 0.0]
+        self.sigmas = self.karras_levels(num_inference_steps)
         self._finish_plan([SamplerCall(s, False) for s in self.sigmas[:-1]], num_inference_steps, device)
         self._unconditional = None
         self._previous_unconditional = None

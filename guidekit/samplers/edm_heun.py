@@ -27,7 +27,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from guidekit.guidance.base import check_number
-from guidekit.samplers.base import SamplerCall, VPSampler, karras_sigmas
+from guidekit.samplers.base import SamplerCall, VPSampler
 
 
 class EDMHeunScheduler(VPSampler):
@@ -36,8 +36,10 @@ class EDMHeunScheduler(VPSampler):
     Args:
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type: the model's
             schedule, as in its own scheduler config (``EDMHeunScheduler.from_config(pipe.scheduler.config)``).
+        timestep_spacing, steps_offset: where the Karras levels start by default (see
+            :meth:`~guidekit.samplers.base.VPSampler.karras_levels`; diffusers' meaning, ``"linspace"`` by default).
         sigma_min, sigma_max: range of the Karras noise levels; default: the training schedule's range
-            (0.0292 and 14.6146 for SD).
+            (0.0292 and 14.6146 for SD), or under ``"leading"`` spacing from where DDIM starts.
         rho: Karras exponent (7).
         s_churn, s_tmin, s_tmax, s_noise: EDM's churn (0, 0, inf, 1: deterministic Heun). ImageNet-64 in the
             paper: 40, 0.05, 50, 1.003.
@@ -48,11 +50,12 @@ class EDMHeunScheduler(VPSampler):
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
                  beta_schedule: str = "scaled_linear", trained_betas: list[float] | None = None,
-                 prediction_type: str = "epsilon", sigma_min: float | None = None, sigma_max: float | None = None,
+                 prediction_type: str = "epsilon", timestep_spacing: str = "linspace", steps_offset: int = 0,
+                 sigma_min: float | None = None, sigma_max: float | None = None,
                  rho: float = 7.0, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
                  s_noise: float = 1.0) -> None:
         self._setup_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                             prediction_type)
+                             prediction_type, timestep_spacing, steps_offset)
         self._karras_range(sigma_min, sigma_max, rho)
         check_number("s_churn", s_churn, low=0.0)
         check_number("s_noise", s_noise, low=0.0)
@@ -66,7 +69,7 @@ class EDMHeunScheduler(VPSampler):
         """Plan ``2N - 1`` calls: at ``t_hat_i`` for every step, and at ``t_{i+1}`` for every correction."""
         self._check_steps(num_inference_steps)
         n, c = num_inference_steps, self.config
-        self.sigmas = [*karras_sigmas(n, self.sigma_min, self.sigma_max, c.rho), 0.0]
+        self.sigmas = self.karras_levels(n)
         self.gammas = [min(c.s_churn / n, math.sqrt(2) - 1) if c.s_tmin <= t <= c.s_tmax else 0.0
                        for t in self.sigmas[:-1]]
         calls = []

@@ -10,8 +10,9 @@ Step ``i`` from ``sigma_i`` to ``sigma_{i+1}`` (EDM variables, REFERENCE section
 
 With ``step_scale = 1`` and one corrector step this is, to first order in the step, CFG with ancestral DDPM at
 weight ``w = (gamma + 1) / 2``: DDPM's step is the ODE step plus ``eps s_w + sqrt(2 eps) z``, and
-``2 s_w - s_1 = s_{2w - 1}``. The noise levels are DDIM's with ``timestep_spacing="trailing"`` and a final
-step to ``sigma = 0``, so PCG and CFG-DDIM/DDPM can be compared on the same grid.
+``2 s_w - s_1 = s_{2w - 1}``. The noise levels are DDIM's, in the ``timestep_spacing`` of the config it is built
+from (``"trailing"`` by default), with a final step to ``sigma = 0``, so PCG and CFG-DDIM/DDPM can be compared on
+the same grid.
 
 The scheduler only moves the latents; which branch the model evaluates is the guidance's business:
 attach :class:`guidekit.PCG` with ``pipe.set_guidance``, which installs this scheduler and makes predictor
@@ -37,6 +38,7 @@ class PCGScheduler(VPSampler):
     Args:
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type: the model's
             schedule, as in its own scheduler config.
+        timestep_spacing, steps_offset: DDIM's timesteps (diffusers' meaning; ``"trailing"`` by default).
         corrector_steps: Langevin steps per solver step (``>= 0``; 0 is conditional DDIM).
         step_scale: multiplies the Langevin step size ``(sigma_i^2 - sigma_{i+1}^2) / 2`` (``> 0``).
     """
@@ -44,9 +46,10 @@ class PCGScheduler(VPSampler):
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
                  beta_schedule: str = "scaled_linear", trained_betas: list[float] | None = None,
-                 prediction_type: str = "epsilon", corrector_steps: int = 1, step_scale: float = 1.0) -> None:
+                 prediction_type: str = "epsilon", timestep_spacing: str = "trailing", steps_offset: int = 0,
+                 corrector_steps: int = 1, step_scale: float = 1.0) -> None:
         self._setup_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                             prediction_type)
+                             prediction_type, timestep_spacing, steps_offset)
         check_int("corrector_steps", corrector_steps, low=0)
         check_number("step_scale", step_scale, low=0.0, low_open=True)
         self.sigmas: list[float] = []
@@ -57,9 +60,8 @@ class PCGScheduler(VPSampler):
         """Plan one predictor call per step and ``corrector_steps`` corrector calls after each step that does not
         end at ``sigma = 0``."""
         self._check_steps(num_inference_steps)
-        n, T = num_inference_steps, len(self.train_sigmas)
-        steps = [round(T - i * T / n) - 1 for i in range(n)]  # DDIM's "trailing" spacing
-        self.sigmas = [float(self.train_sigmas[t]) for t in steps] + [0.0]
+        n = num_inference_steps
+        self.sigmas = [*self.spaced_sigmas(n), 0.0]
         calls = []
         for i in range(n):
             calls.append(SamplerCall(self.sigmas[i], False))
