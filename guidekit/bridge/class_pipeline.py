@@ -39,13 +39,14 @@ def denoise_with_cfg(pipe: DiffusionPipeline, model: torch.nn.Module, latents: t
     """SD's sampling loop over ``pipe.scheduler``'s timesteps (already set) for a class-conditional ``model``.
 
     Under CFG (``guidance_scale > 1``) each call holds ``[uncond; cond]`` rows, the unconditional ones labelled
-    ``null_label``, and the pipeline combines them as ``u + w (c - u)``. ``step`` gets the generator when it takes
-    one and it is a single generator.
+    ``null_label``, and the pipeline combines them as ``u + w (c - u)``. ``step`` gets the generator (one, or one per
+    image, as diffusers' pipelines pass it) when it takes one, so stochastic samplers draw their noise from the
+    images' seeds.
     """
     do_cfg = guidance_scale > 1
     model_labels = torch.cat([torch.full_like(labels, null_label), labels]) if do_cfg else labels
     accepts_generator = "generator" in inspect.signature(pipe.scheduler.step).parameters
-    step_kwargs = {"generator": generator} if accepts_generator and not isinstance(generator, list) else {}
+    step_kwargs = {"generator": generator} if accepts_generator else {}
     for t in pipe.progress_bar(pipe.scheduler.timesteps):
         model_input = torch.cat([latents, latents]) if do_cfg else latents
         model_input = pipe.scheduler.scale_model_input(model_input, t)
