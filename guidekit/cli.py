@@ -5,24 +5,24 @@ diffusers pipeline (a hub id, a local directory, or ``tiny:FAMILY`` for a tiny r
 pipeline built offline), attaches the guidance, samples, writes PNG files and prints what it did.
 
 ``guidekit eval --config run.json`` samples at scale and computes metrics (see docs/evaluation.md).
+
+``guidekit demo [--model ID_OR_PATH]`` serves the Gradio demo on 127.0.0.1 (see docs/demo.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from guidekit.bridge.families import family_of_class
-from guidekit.bridge.install import brings_sampler, set_guidance
+from guidekit.bridge.install import brings_sampler
 from guidekit.bridge.loading import load_pipeline
-from guidekit.bridge.schedulers import SCHEDULER_NAMES, make_scheduler
+from guidekit.bridge.sampling import call_kwargs, sample_guided
+from guidekit.bridge.schedulers import SCHEDULER_NAMES
 from guidekit.guidance.spec import format_guidance, parse_guidance
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -54,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     sample.add_argument("--out", type=Path, default=Path("outputs"), help="output directory")
     _add_eval_parser(sub)
+    demo = sub.add_parser("demo", help="serve the Gradio demo: guidance methods side by side (needs guidekit[demo])")
+    demo.add_argument("--model", default="default",
+                      help="'default' (the embedded digits model), a hub id or a local diffusers directory")
+    demo.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
+    demo.add_argument("--port", type=_positive_int, default=7860)
+    demo.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    demo.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     return parser
 
 
@@ -112,64 +119,55 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     return run_eval(config, progress=not args.no_progress)
 
 
-def _call_kwargs(pipe: Any, args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
-    params = inspect.signature(type(pipe).__call__).parameters
-    kwargs = dict(defaults)
-    n = args.num_images
-    if "prompt" in params:
-        kwargs["prompt"] = [args.prompt] * n if args.prompt is not None else kwargs.get("prompt", [""] * n)[:1] * n
-        if args.negative_prompt is not None:
-            kwargs["negative_prompt"] = [args.negative_prompt] * n
-        elif "negative_prompt" in kwargs:
-            kwargs["negative_prompt"] = kwargs["negative_prompt"][:1] * n
-    elif "class_labels" in params:
-        label = args.class_label if args.class_label is not None else kwargs.get("class_labels", [0])[0]
-        kwargs["class_labels"] = [label] * n
-    for name in ("height", "width"):
-        if getattr(args, name) is not None:
-            kwargs[name] = getattr(args, name)
-    return kwargs
-
-
 def sample(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``guidekit sample``; return the summary it prints."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     guidance = parse_guidance(args.guidance)
+    if args.scheduler and brings_sampler(guidance):
+        raise ValueError(f"--scheduler {args.scheduler} is not accepted with guidance {format_guidance(guidance)}, "
+                         "which installs its own sampler; leave --scheduler out")
     pipe, defaults = load_pipeline(args.model, dtype=_DTYPES[args.dtype])
     pipe = pipe.to(device)
-    if args.scheduler:
-        if brings_sampler(guidance):
-            raise ValueError(f"--scheduler {args.scheduler} is not accepted with guidance {format_guidance(guidance)}, "
-                             "which installs its own sampler; leave --scheduler out")
-        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
-    set_guidance(pipe, guidance)
-    kwargs = _call_kwargs(pipe, args, defaults)
-    generator = [torch.Generator(device).manual_seed(args.seed + i) for i in range(args.num_images)]
-    # Under set_guidance the pipeline's scale only switches its unconditional branch on (> 1) or off.
-    kwargs[family_of_class(type(pipe)).scale_arg] = 2.0 if guidance.uses_unconditional else 1.0
-    start = time.perf_counter()
-    images = pipe(**kwargs, num_inference_steps=args.steps, generator=generator).images
-    seconds = time.perf_counter() - start
+    kwargs = call_kwargs(pipe, defaults, args.num_images, prompt=args.prompt, negative_prompt=args.negative_prompt,
+                         class_label=args.class_label, height=args.height, width=args.width)
+    run = sample_guided(pipe, guidance, kwargs, steps=args.steps, seed=args.seed, num_images=args.num_images,
+                        scheduler=args.scheduler)
     args.out.mkdir(parents=True, exist_ok=True)
     files = []
-    for i, image in enumerate(images):
+    for i, image in enumerate(run.images):
         path = args.out / f"seed{args.seed + i:06d}.png"
         image.save(path)
         files.append(str(path))
-    stats = pipe.guidance_stats
+    stats = run.stats
     return {
-        "model": args.model, "pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__,
+        "model": args.model, "pipeline": type(pipe).__name__, "scheduler": run.scheduler,
         "guidance": format_guidance(guidance), "steps": args.steps, "seeds": [args.seed, args.seed + len(files) - 1],
-        "device": device, "seconds": round(seconds, 3), "model_calls": stats.model_calls,
+        "device": device, "seconds": round(run.seconds, 3), "model_calls": stats.model_calls,
         "cond_rows": stats.cond_rows, "uncond_rows": stats.uncond_rows,
         "uncond_rows_skipped": stats.uncond_rows_skipped, "files": files,
     }
+
+
+def serve_demo(args: argparse.Namespace) -> None:
+    """Run ``guidekit demo``: load the model, then serve until interrupted."""
+    try:
+        from guidekit.app.ui import launch
+    except ImportError as exc:
+        raise ValueError(f"the demo needs gradio ({exc}); install it with: pip install 'guidekit[demo]'") from None
+    from guidekit.app.compare import Comparer
+
+    comparer = Comparer(args.model, device=args.device, dtype=_DTYPES[args.dtype])
+    print(f"guidekit demo: {comparer.describe()} on {comparer.device}", flush=True)
+    launch(comparer, host=args.host, port=args.port)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``guidekit`` command."""
     args = _parser().parse_args(argv)
     try:
+        if args.command == "demo":
+            serve_demo(args)
+            return 0
         if args.command == "sweep":
             from guidekit.evaluation.sweep import run_sweep
 

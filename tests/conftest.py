@@ -23,3 +23,19 @@ def make_context(x: torch.Tensor, *, sigma: float = 1.5, space: str = "eps", ste
 @pytest.fixture
 def rng() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def demo_url() -> str:
+    """The demo served in this process on a free port of 127.0.0.1, on the embedded default model."""
+    import socket
+
+    from guidekit.app.compare import Comparer
+    from guidekit.app.ui import launch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo, url = launch(Comparer(device="cpu"), port=port, block=False)
+    yield url
+    demo.close()

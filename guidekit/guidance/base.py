@@ -12,6 +12,7 @@ Weights follow REFERENCE section 0: ``w = 1`` is no guidance, ``D_w = D_u + w (D
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -83,11 +84,14 @@ def check_number(name: str, value: object, *, low: float | None = None, high: fl
     return v
 
 
-def check_int(name: str, value: object, *, low: int) -> int:
-    """Return ``value`` if it is an integer ``>= low`` (not a bool), else a ``ValueError`` naming the parameter."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}={value!r} is not accepted; expected an integer >= {low}")
-    return value
+def check_int(name: str, value: object, *, low: int, high: int | None = None) -> int:
+    """Return ``value`` as an int if it is an integer (not a bool; numpy's count) in ``[low, high]``, else a
+    ``ValueError`` naming the parameter and the range."""
+    accepted = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low \
+            or (high is not None and value > high):
+        raise ValueError(f"{name}={value!r} is not accepted; expected {accepted}")
+    return int(value)
 
 
 class Guidance:
