@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +23,13 @@ from guidekit.bridge.schedulers import make_scheduler
 from guidekit.guidance.base import Guidance
 
 
+def _call_parameters(pipe: DiffusionPipeline) -> Mapping[str, inspect.Parameter]:
+    return inspect.signature(type(pipe).__call__).parameters
+
+
 def takes_prompt(pipe: DiffusionPipeline) -> bool:
     """Whether the pipeline is conditioned on text (otherwise on class labels)."""
-    return "prompt" in inspect.signature(type(pipe).__call__).parameters
+    return "prompt" in _call_parameters(pipe)
 
 
 def call_kwargs(pipe: DiffusionPipeline, defaults: dict[str, Any], num_images: int, *, prompt: str | None = None,
@@ -32,14 +37,14 @@ def call_kwargs(pipe: DiffusionPipeline, defaults: dict[str, Any], num_images: i
                 width: int | None = None) -> dict[str, Any]:
     """Call arguments for ``num_images`` images: the text or class conditioning, falling back on ``defaults``
     (those :func:`~guidekit.bridge.loading.load_pipeline` returns) for what is not given."""
-    kwargs = dict(defaults)
-    if takes_prompt(pipe):
+    kwargs, params = dict(defaults), _call_parameters(pipe)
+    if "prompt" in params:
         kwargs["prompt"] = [prompt] * num_images if prompt is not None else kwargs.get("prompt", [""])[:1] * num_images
         if negative_prompt is not None:
             kwargs["negative_prompt"] = [negative_prompt] * num_images
         elif "negative_prompt" in kwargs:
             kwargs["negative_prompt"] = kwargs["negative_prompt"][:1] * num_images
-    elif "class_labels" in inspect.signature(type(pipe).__call__).parameters:
+    elif "class_labels" in params:
         label = class_label if class_label is not None else kwargs.get("class_labels", [0])[0]
         kwargs["class_labels"] = [label] * num_images
     if height is not None:
