@@ -114,7 +114,8 @@ def test_stochastic_samplers_draw_from_the_per_image_seeds(pipe: ClassConditiona
         for seeds, global_seed in (((0, 1), 0), ((0, 1), 1), ((0, 2), 2)):
             torch.manual_seed(global_seed)
             gens = [torch.Generator().manual_seed(s) for s in seeds]
-            runs.append(pipe([3, 3], num_inference_steps=6, guidance_scale=2.0, generator=gens, output_type="pt").images)
+            out = pipe([3, 3], num_inference_steps=6, guidance_scale=2.0, generator=gens, output_type="pt")
+            runs.append(out.images)
     finally:
         pipe.scheduler = original
     assert torch.equal(runs[0], runs[1])
