@@ -237,38 +237,48 @@ def test_samplers_run_in_tiny_image_pipelines_with_and_without_guidance(family: 
 
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 @pytest.mark.parametrize("steps_offset", [0, 1])
-def test_spaced_timesteps_are_diffusers_own(spacing: str, steps_offset: int) -> None:
-    from guidekit.samplers.base import spaced_timesteps
+def test_first_timestep_is_diffusers_own(spacing: str, steps_offset: int) -> None:
+    from guidekit.samplers.base import first_timestep
 
-    for n in (2, 7, 20, 33, 50, 999):
+    for n in (1, 2, 7, 20, 33, 50, 999):
         ddim = diffusers.DDIMScheduler(timestep_spacing=spacing, steps_offset=steps_offset)
         ddim.set_timesteps(n)
-        assert spaced_timesteps(n, 1000, spacing, steps_offset) == ddim.timesteps.tolist(), n
+        if not (spacing == "linspace" and n == 1):  # diffusers' single linspace step starts at 0
+            assert first_timestep(n, 1000, spacing, steps_offset) == ddim.timesteps[0].item(), n
 
 
-def test_samplers_follow_the_configs_spacing() -> None:
-    """From SD's "leading" config, PCG's predictor levels are DDIM's timesteps and the Karras levels of EDM Heun and
-    CFG++ start where diffusers' Euler with Karras sigmas starts; their own default spacings keep the whole table."""
+def test_samplers_start_where_ddim_starts() -> None:
+    """From SD's "leading" config, PCG's levels count down evenly from DDIM's first timestep ("trailing" spacing
+    below it), and the Karras levels of EDM Heun and CFG++ start where diffusers' Euler with Karras sigmas starts.
+    Built on their own, they start at the top of the table and PCG's levels are DDIM's "trailing" ones."""
     from guidekit.samplers import CFGPPScheduler
 
     config = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                      steps_offset=1, timestep_spacing="leading").config
     ddim = diffusers.DDIMScheduler.from_config(config)
     ddim.set_timesteps(20)
+    abar = ddim.alphas_cumprod.double()
+
+    def sigma(t: int) -> float:
+        return float(((1 - abar[t]) / abar[t]).sqrt())
+
     pcg = PCGScheduler.from_config(config)
     pcg.set_timesteps(20)
-    abar = ddim.alphas_cumprod.double()
-    expected = ((1 - abar[ddim.timesteps]) / abar[ddim.timesteps]).sqrt()
-    torch.testing.assert_close(torch.tensor(pcg.sigmas[:-1], dtype=torch.float64), expected)
+    assert int(ddim.timesteps[0]) == 951
+    assert pcg.sigmas[:-1] == pytest.approx([sigma(round(952 - i * 952 / 20) - 1) for i in range(20)], rel=1e-12)
+    trailing = diffusers.DDIMScheduler.from_config(config, timestep_spacing="trailing")
+    trailing.set_timesteps(20)
+    own = PCGScheduler(beta_schedule="scaled_linear")
+    own.set_timesteps(20)
+    assert own.sigmas[:-1] == pytest.approx([sigma(int(t)) for t in trailing.timesteps], rel=1e-12)
     euler = diffusers.EulerDiscreteScheduler.from_config(config, use_karras_sigmas=True)
     euler.set_timesteps(20)
     for cls in (EDMHeunScheduler, CFGPPScheduler):
         sampler = cls.from_config(config)
         sampler.set_timesteps(20)
         assert sampler.sigmas[0] == pytest.approx(float(euler.sigmas[0]), rel=1e-5)
-        own = cls()
-        own.set_timesteps(20)
-        assert own.sigmas[0] == pytest.approx(float(own.train_sigmas[-1]))
-    assert PCGScheduler().spaced_sigmas(1) == [pytest.approx(float(PCGScheduler().train_sigmas[-1]))]
+        alone = cls()
+        alone.set_timesteps(20)
+        assert alone.sigmas[0] == pytest.approx(float(alone.train_sigmas[-1]))
     with pytest.raises(ValueError, match="timestep_spacing='middle'"):
         PCGScheduler(timestep_spacing="middle")

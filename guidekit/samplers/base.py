@@ -29,19 +29,13 @@ _PREDICTION_SPACES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 
 
-def spaced_timesteps(n: int, num_train_timesteps: int, spacing: str, steps_offset: int = 0) -> list[int]:
-    """``n`` training timesteps, descending, in diffusers' ``timestep_spacing`` (Lin et al. 2024, "Common Diffusion
-    Noise Schedules and Sample Steps are Flawed", Table 2): ``"linspace"`` rounds ``linspace(0, T - 1, n)``,
-    ``"leading"`` takes multiples of ``T // n`` plus ``steps_offset``, ``"trailing"`` counts down from ``T - 1`` in
-    steps of ``T / n``. A single ``"linspace"`` step starts at ``T - 1`` (diffusers' would start at 0)."""
-    T = num_train_timesteps
-    if spacing == "linspace":
-        steps = [round((n - 1 - i) * (T - 1) / (n - 1)) for i in range(n)] if n > 1 else [T - 1]
-    elif spacing == "leading":
-        steps = [(n - 1 - i) * (T // n) + steps_offset for i in range(n)]
-    else:
-        steps = [round(T - i * T / n) - 1 for i in range(n)]
-    return [min(t, T - 1) for t in steps]
+def first_timestep(n: int, num_train_timesteps: int, spacing: str, steps_offset: int = 0) -> int:
+    """The training timestep where diffusers' DDIM starts ``n`` steps in ``timestep_spacing`` (Lin et al. 2024,
+    "Common Diffusion Noise Schedules and Sample Steps are Flawed", Table 2): the top of the table, ``T - 1``, for
+    ``"linspace"`` and ``"trailing"``; ``(n - 1) (T // n) + steps_offset`` for ``"leading"``."""
+    if spacing == "leading":
+        return min((n - 1) * (num_train_timesteps // n) + steps_offset, num_train_timesteps - 1)
+    return num_train_timesteps - 1
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
@@ -92,10 +86,10 @@ class VPSampler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps: int | None = None
         self._call = 0
 
-    def spaced_sigmas(self, n: int) -> list[float]:
-        """The training noise levels at the ``n`` timesteps of the configured ``timestep_spacing``."""
-        steps = spaced_timesteps(n, len(self.train_sigmas), self.config.timestep_spacing, self.config.steps_offset)
-        return [float(self.train_sigmas[t]) for t in steps]
+    def first_sigma(self, n: int) -> float:
+        """The training noise level where DDIM with the configured ``timestep_spacing`` starts ``n`` steps."""
+        t = first_timestep(n, len(self.train_sigmas), self.config.timestep_spacing, self.config.steps_offset)
+        return float(self.train_sigmas[t])
 
     def _karras_range(self, sigma_min: float | None, sigma_max: float | None, rho: float) -> None:
         """Check the range of Karras noise levels; ``None`` takes the default of :meth:`karras_levels`."""
@@ -106,10 +100,10 @@ class VPSampler(SchedulerMixin, ConfigMixin):
                              "0 < sigma_min < sigma_max")
 
     def karras_levels(self, n: int) -> list[float]:
-        """``n`` Karras noise levels and a final 0. They run from ``sigma_max`` (default: the first of
-        :meth:`spaced_sigmas`, that is the top of the training table, or under ``"leading"`` spacing where DDIM
-        starts, as diffusers' Karras sigmas do) down to ``sigma_min`` (default: the bottom of the table)."""
-        sigma_max = self.config.sigma_max if self.config.sigma_max is not None else self.spaced_sigmas(n)[0]
+        """``n`` Karras noise levels and a final 0. They run from ``sigma_max`` (default: :meth:`first_sigma`, the
+        top of the training table, or under ``"leading"`` spacing where DDIM starts, as diffusers' Karras sigmas do)
+        down to ``sigma_min`` (default: the bottom of the table)."""
+        sigma_max = self.config.sigma_max if self.config.sigma_max is not None else self.first_sigma(n)
         if not self.sigma_min < sigma_max:
             raise ValueError(f"sigma_min={self.sigma_min!r} is not accepted with {n} steps; expected it below the "
                              f"first noise level {sigma_max!r}")

@@ -10,9 +10,13 @@ Step ``i`` from ``sigma_i`` to ``sigma_{i+1}`` (EDM variables, REFERENCE section
 
 With ``step_scale = 1`` and one corrector step this is, to first order in the step, CFG with ancestral DDPM at
 weight ``w = (gamma + 1) / 2``: DDPM's step is the ODE step plus ``eps s_w + sqrt(2 eps) z``, and
-``2 s_w - s_1 = s_{2w - 1}``. The noise levels are DDIM's, in the ``timestep_spacing`` of the config it is built
-from (``"trailing"`` by default), with a final step to ``sigma = 0``, so PCG and CFG-DDIM/DDPM can be compared on
-the same grid.
+``2 s_w - s_1 = s_{2w - 1}``. The noise levels are DDIM's ``"trailing"`` ones, with a final step to ``sigma = 0``,
+so PCG and CFG-DDIM/DDPM can be compared on the same grid. They count down from where DDIM starts in the
+``timestep_spacing`` of the config the sampler is built from: the top of the table, or under ``"leading"`` spacing
+``(N - 1) (T // N) + steps_offset``. A cosine schedule's top (sigma 2e4) is out of reach of an eps model's x0
+estimate. ``"leading"``'s own levels end at timestep ``steps_offset``, far below the one before; a Langevin step
+there injects noise of about the level before, ``sqrt(2 eps)``, which the last step cannot remove (the embedded
+default model gave noise).
 
 The scheduler only moves the latents; which branch the model evaluates is the guidance's business:
 attach :class:`guidekit.PCG` with ``pipe.set_guidance``, which installs this scheduler and makes predictor
@@ -29,7 +33,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from guidekit.guidance.base import check_int, check_number
-from guidekit.samplers.base import SamplerCall, VPSampler
+from guidekit.samplers.base import SamplerCall, VPSampler, first_timestep
 
 
 class PCGScheduler(VPSampler):
@@ -38,7 +42,7 @@ class PCGScheduler(VPSampler):
     Args:
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type: the model's
             schedule, as in its own scheduler config.
-        timestep_spacing, steps_offset: DDIM's timesteps (diffusers' meaning; ``"trailing"`` by default).
+        timestep_spacing, steps_offset: where the levels start (diffusers' meaning; ``"trailing"`` by default).
         corrector_steps: Langevin steps per solver step (``>= 0``; 0 is conditional DDIM).
         step_scale: multiplies the Langevin step size ``(sigma_i^2 - sigma_{i+1}^2) / 2`` (``> 0``).
     """
@@ -60,8 +64,10 @@ class PCGScheduler(VPSampler):
         """Plan one predictor call per step and ``corrector_steps`` corrector calls after each step that does not
         end at ``sigma = 0``."""
         self._check_steps(num_inference_steps)
-        n = num_inference_steps
-        self.sigmas = [*self.spaced_sigmas(n), 0.0]
+        n, T = num_inference_steps, len(self.train_sigmas)
+        top = first_timestep(n, T, self.config.timestep_spacing, self.config.steps_offset) + 1
+        steps = [round(top - i * top / n) - 1 for i in range(n)]  # "trailing" spacing below DDIM's first timestep
+        self.sigmas = [float(self.train_sigmas[t]) for t in steps] + [0.0]
         calls = []
         for i in range(n):
             calls.append(SamplerCall(self.sigmas[i], False))
