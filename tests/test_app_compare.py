@@ -72,6 +72,7 @@ def test_schedulers_do_not_leak_between_methods_or_requests(comparer: Comparer) 
     np.testing.assert_array_equal(_pixels(first[0].images), _pixels(again[0].images))
     pipe = comparer._pipes["default"][0]
     assert type(pipe.scheduler) is DDIMScheduler and not hasattr(pipe, "guidance_stats")
+    assert comparer.describe(" default ") == comparer.describe("") == comparer.describe()
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [

@@ -111,10 +111,14 @@ class Comparer:
             self._pipes[model] = (pipe, defaults, pipe.scheduler)
         return self._pipes[model]
 
+    def _name(self, model: str | None) -> str:
+        """``model`` without surrounding blanks; the comparer's own model when it is empty."""
+        return (model or "").strip() or self.model
+
     def describe(self, model: str | None = None) -> str:
         """What the pipeline of ``model`` is conditioned on, for the page."""
         with self._lock:
-            pipe, defaults, _ = self._load(model or self.model)
+            pipe, defaults, _ = self._load(self._name(model))
         if takes_prompt(pipe):
             return f"{type(pipe).__name__}: text-to-image (prompt)"
         label = defaults.get("class_labels", [0])[0]
@@ -144,9 +148,8 @@ class Comparer:
             raise ValueError(f"scheduler={scheduler!r} is not accepted; expected one of {', '.join(SCHEDULER_NAMES)}")
         if class_label is not None:
             class_label = check_int("class_label", class_label, low=0)
-        model = (model or "").strip() or self.model
         with self._lock:
-            pipe, defaults, original = self._load(model)
+            pipe, defaults, original = self._load(self._name(model))
             kwargs = call_kwargs(pipe, defaults, num_images, prompt=prompt or None,
                                  negative_prompt=negative_prompt or None, class_label=class_label)
             results = []
