@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -75,8 +76,9 @@ def count_rows(pipe: DiffusionPipeline, denoiser: str) -> tuple[list[int], Any]:
     return rows, handle
 
 
+@dataclasses.dataclass(frozen=True)
 class FirstSampleOnly(guidekit.CFG):
     """CFG for sample 0 of the batch only: a test instrument for per-sample row selection."""
 
-    def needs_unconditional(self, ctx: Any, scale: float | None = None) -> torch.Tensor:
+    def needs_unconditional(self, ctx: Any, state: Any = None, scale: float | None = None) -> torch.Tensor:
         return ctx.rows == 0

@@ -12,7 +12,7 @@ from diffusers.guiders.classifier_free_zero_star_guidance import ClassifierFreeZ
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 from guidekit import APG, CFG, AdaptiveGuidance, CFGZeroStar, Interval, Scheduled
-from guidekit.guidance import apply_guidance
+from guidekit.guidance import UNCOND, apply_guidance
 
 
 def _pair(shape=(3, 4, 8, 8), seed=0):
@@ -51,8 +51,8 @@ def test_apg_reduces_to_cfg(dtype: torch.dtype, rtol: float, atol: float) -> Non
     x, c, u = (t.to(dtype) for t in _pair())
     ctx = make_context(x)
     apg = APG(4.0, eta=1.0, norm_threshold=0.0, momentum=0.0)
-    apg.reset(len(x))
-    torch.testing.assert_close(apg.combine(c, u, ctx), CFG(4.0).combine(c, u, ctx), rtol=rtol, atol=atol)
+    torch.testing.assert_close(apg.combine(c, u, ctx, apg.init_state(len(x))), CFG(4.0).combine(c, u, ctx),
+                               rtol=rtol, atol=atol)
 
 
 def _apg_paper(cond: torch.Tensor, uncond: torch.Tensor, w: float, eta: float, r: float, beta: float,
@@ -73,13 +73,13 @@ def _apg_paper(cond: torch.Tensor, uncond: torch.Tensor, w: float, eta: float, r
 def test_apg_sdxl_settings_match_paper_formula_over_steps() -> None:
     """APG(w, eta=0, r=15, beta=-0.5) in x0 space over 4 evaluations equals the formula above."""
     apg = APG(5.0, eta=0.0, norm_threshold=15.0, momentum=-0.5)
-    apg.reset(3)
+    state = apg.init_state(3)
     running = torch.zeros(3, 4, 8, 8, dtype=torch.float64)
     for step in range(4):
         x, c, u = _pair(seed=10 + step)
         c, u = 3 * c, 3 * u  # norms above r so the clamp is active
         ctx = make_context(x, space="eps", sigma=2.0 - 0.4 * step, step=step)
-        got = ctx.to_space(apg.combine(c, u, ctx), "x0")
+        got = ctx.to_space(apg.combine(c, u, ctx, state), "x0")
         ref, running = _apg_paper(ctx.to_space(c, "x0"), ctx.to_space(u, "x0"), 5.0, 0.0, 15.0, -0.5, running)
         torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
 
@@ -87,13 +87,13 @@ def test_apg_sdxl_settings_match_paper_formula_over_steps() -> None:
 def test_apg_equals_diffusers_guider_original_formulation_at_w_minus_1() -> None:
     """diffusers' APG with use_original_formulation=True and scale w-1 is the paper formula in its space."""
     apg = APG(5.0, eta=0.3, norm_threshold=15.0, momentum=-0.5, space="model")
-    apg.reset(3)
+    state = apg.init_state(3)
     buffer = MomentumBuffer(-0.5)
     for step in range(3):
         x, c, u = _pair(seed=20 + step)
         c, u = 3 * c, 3 * u
         ctx = make_context(x, step=step)
-        ours = apg.combine(c, u, ctx)
+        ours = apg.combine(c, u, ctx, state)
         theirs = normalized_guidance(c, u, 4.0, buffer, 0.3, 15.0, True)
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
@@ -104,8 +104,7 @@ def test_diffusers_apg_defaults_differ_from_paper() -> None:
     c, u = 3 * c, 3 * u
     ctx = make_context(x)
     paper = APG(5.0, space="model")
-    paper.reset(3)
-    ours = paper.combine(c, u, ctx)
+    ours = paper.combine(c, u, ctx, paper.init_state(3))
     theirs = normalized_guidance(c, u, 5.0, None, 1.0, 15.0, False)
     assert (ours - theirs).abs().max() > 0.5
     # With eta=1 and no clamp hit, diffusers' default is uncond + w * diff = plain CFG; the paper's is too.
@@ -122,8 +121,8 @@ def test_cfg_zero_star_equals_diffusers_guider() -> None:
         ctx = make_context(x, space="flow", step=step)
         guider.set_state(step=step, num_inference_steps=10, timestep=torch.tensor(500))
         expected = guider.forward(c, u).pred
-        mask = ours.needs_unconditional(ctx)
-        got = apply_guidance(ours, c, u[mask], mask, ctx)
+        mask = ours.needs(ctx, None)[UNCOND]
+        got = apply_guidance(ours, c, {UNCOND: u[mask]}, {UNCOND: mask}, ctx, None)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
         assert bool(mask.any()) == (step >= 1)  # the zeroed step needs no unconditional row
 
@@ -147,18 +146,17 @@ def test_interval_decides_on_step_sigma() -> None:
 
 def test_adaptive_switches_per_sample_and_permanently() -> None:
     g = AdaptiveGuidance(CFG(3), threshold=0.9)
-    g.reset(3)
+    state = g.init_state(3)
     x, c, _ = _pair()
     u = c.clone()
     u[0] = -c[0]  # sample 0 disagrees (cos = -1); samples 1 and 2 agree (cos = 1)
     ctx = make_context(x, space="eps", step=0)
-    assert g.needs_unconditional(ctx).all()
-    g.combine(c, u, ctx)
-    assert g.needs_unconditional(make_context(x, step=0, corrector=True)).all()  # same step: still guided
-    assert g.needs_unconditional(make_context(x, step=1)).tolist() == [True, False, False]
-    assert g.needs_unconditional(make_context(x, step=5)).tolist() == [True, False, False]
-    g.reset(3)
-    assert g.needs_unconditional(make_context(x, step=5)).all()
+    assert g.needs_unconditional(ctx, state).all()
+    g.combine(c, u, ctx, state)
+    assert g.needs_unconditional(make_context(x, step=0, corrector=True), state).all()  # same step: still guided
+    assert g.needs_unconditional(make_context(x, step=1), state).tolist() == [True, False, False]
+    assert g.needs_unconditional(make_context(x, step=5), state).tolist() == [True, False, False]
+    assert g.needs_unconditional(make_context(x, step=5), g.init_state(3)).all()  # a new call starts afresh
 
 
 def test_adaptive_similarity_is_cosine_of_eps() -> None:
@@ -222,9 +220,8 @@ def test_scheduled_weight_reaches_inner_and_skips_at_one() -> None:
 def test_composition() -> None:
     x, c, u = _pair()
     g = AdaptiveGuidance(Interval(Scheduled(APG(4.0), "cosine"), 0.5, 3.0), threshold=0.999)
-    g.reset(3)
+    state = g.init_state(3)
     ctx = make_context(x, sigma=1.0, tau=0.3)
-    assert g.needs_unconditional(ctx).all()
+    assert g.needs_unconditional(ctx, state).all()
     inner = APG(Scheduled(APG(4.0), "cosine").weight(0.3))
-    inner.reset(3)
-    torch.testing.assert_close(g.combine(c, u, ctx), inner.combine(c, u, ctx))
+    torch.testing.assert_close(g.combine(c, u, ctx, state), inner.combine(c, u, ctx, inner.init_state(3)))

@@ -50,7 +50,6 @@ def _record(pipe):
             pipe(**CALL, generator=torch.Generator().manual_seed(seed))
         finally:
             pipe.set_guidance(None)
-    recorder.finish()
     return recorder
 
 

@@ -23,8 +23,9 @@ from guidekit.bridge.loading import DEFAULT_MODEL, load_pipeline
 from guidekit.bridge.sampling import call_kwargs, sample_guided, takes_prompt
 from guidekit.bridge.schedulers import SCHEDULER_NAMES
 from guidekit.evaluation.image_metrics import saturation
-from guidekit.guidance.base import Guidance, check_int
+from guidekit.guidance.base import Guidance
 from guidekit.guidance.spec import format_guidance, parse_guidance
+from guidekit.validation import check_int
 
 MAX_METHODS = 4
 MAX_IMAGES = 8

@@ -40,11 +40,11 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from guidekit.bridge.testbed import MixtureDenoiser, MixturePipeline
-from guidekit.guidance.base import check_int, check_number
 from guidekit.guidance.pcg import PCG
 from guidekit.samplers.pcg import PCGScheduler
 from guidekit.testbed.mixture import UNCONDITIONAL, GaussianMixture
 from guidekit.testbed.oracles import GaussianCFGOracle
+from guidekit.validation import check_int, check_number
 
 #: Accepted ranges of :func:`run_testbed`'s parameters (inclusive).
 WEIGHT_RANGE = (1.0, 20.0)

@@ -16,7 +16,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
-from guidekit.guidance.base import check_int
+from guidekit.validation import check_int
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 

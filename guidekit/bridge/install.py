@@ -1,4 +1,4 @@
-"""``set_guidance``: attach a guidance to a diffusers pipeline, and detach it exactly.
+"""``set_guidance`` and ``guided``: attach a guidance to a diffusers pipeline, and detach it exactly.
 
 Attaching swaps the pipeline instance's class for a cached subclass of the same name whose
 ``__call__`` validates the call, swaps the denoiser's ``forward`` for a
@@ -8,15 +8,21 @@ Attaching swaps the pipeline instance's class for a cached subclass of the same 
 untouched. ``set_guidance(pipe, None)`` restores the original class and removes every attribute
 guidekit added.
 
-A guidance that comes with its own sampler (PCG, CFG++) also swaps the pipeline's scheduler for that sampler,
-built from the current scheduler's config; the original scheduler comes back on the next
-``set_guidance`` call.
+A guidance that comes with its own sampler (:class:`~guidekit.guidance.base.BringsSampler`: PCG, CFG++) also
+swaps the pipeline's scheduler for that sampler, built from the current scheduler's config; the original
+scheduler comes back on the next ``set_guidance`` call.
+
+:func:`guided` is the same as a context manager: ``with guided(pipe, g) as run: pipe(...)`` attaches ``g``,
+exposes the call's ``run.stats``, and on exit, also when the call raised, gives the pipeline back as it was.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from diffusers import DiffusionPipeline
@@ -24,33 +30,29 @@ from diffusers import DiffusionPipeline
 from guidekit.bridge.families import Family, family_of_class
 from guidekit.bridge.proxy import GuidanceStats, GuidedDenoiser
 from guidekit.bridge.schedulers import _is_flow, check_scheduler
-from guidekit.guidance.base import Guidance
-from guidekit.guidance.cfgpp import CFGPP
-from guidekit.guidance.pcg import PCG
+from guidekit.guidance.base import UNCOND, BringsSampler, Guidance
 from guidekit.guidance.spec import parse_guidance
-from guidekit.samplers.cfgpp import CFGPPScheduler
-from guidekit.samplers.pcg import PCGScheduler
 
 _GUIDED_CLASSES: dict[type, type] = {}
+_GUIDED_CLASSES_LOCK = threading.Lock()
 _ATTRIBUTES = ("_guidekit_guidance", "guidance_stats", "_guidekit_scheduler")
+#: The passes this bridge evaluates.
+_SUPPORTED_PASSES = frozenset({UNCOND})
 
 
 def brings_sampler(guidance: Guidance) -> bool:
     """Whether ``set_guidance`` swaps the pipeline's scheduler for a sampler of the guidance's own (PCG, CFG++)."""
-    return isinstance(guidance, (PCG, CFGPP))
+    return isinstance(guidance, BringsSampler)
 
 
 def _own_sampler(guidance: Guidance, scheduler: Any) -> Any | None:
     """The scheduler a guidance brings with it, built from the pipeline's ``scheduler`` config, or ``None``."""
-    if not brings_sampler(guidance):
+    if not isinstance(guidance, BringsSampler):
         return None
     if _is_flow(scheduler):
         raise ValueError(f"guidance {guidance!r} is not accepted on a flow-matching pipeline (scheduler "
                          f"{type(scheduler).__name__}); its sampler needs a VP schedule (SD, SDXL, DiT, PixArt)")
-    if isinstance(guidance, CFGPP):
-        return CFGPPScheduler.from_config(scheduler.config, solver=guidance.solver)
-    return PCGScheduler.from_config(scheduler.config, corrector_steps=guidance.corrector_steps,
-                                    step_scale=guidance.step_scale)
+    return guidance.make_sampler(scheduler.config)
 
 
 def _restore_scheduler(pipe: DiffusionPipeline) -> None:
@@ -61,19 +63,24 @@ def _restore_scheduler(pipe: DiffusionPipeline) -> None:
 
 def _guided_class(cls: type) -> type:
     """The guided subclass of ``cls``; its family and ``__call__`` signature are resolved once, here."""
-    if cls not in _GUIDED_CLASSES:
-        original_call = cls.__call__
-        family, signature = family_of_class(cls), inspect.signature(original_call)
-
-        @functools.wraps(original_call)
-        def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-            return _guided_call(self, original_call, signature.bind(self, *args, **kwargs), family)
-
-        _GUIDED_CLASSES[cls] = type(cls.__name__, (cls,), {
-            "__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
-            "__doc__": cls.__doc__, "_guidekit_guided": True, "_guidekit_original": cls,
-        })
+    with _GUIDED_CLASSES_LOCK:
+        if cls not in _GUIDED_CLASSES:
+            _GUIDED_CLASSES[cls] = _make_guided_class(cls)
     return _GUIDED_CLASSES[cls]
+
+
+def _make_guided_class(cls: type) -> type:
+    original_call = cls.__call__
+    family, signature = family_of_class(cls), inspect.signature(original_call)
+
+    @functools.wraps(original_call)
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return _guided_call(self, original_call, signature.bind(self, *args, **kwargs), family)
+
+    return type(cls.__name__, (cls,), {
+        "__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__, "_guidekit_guided": True, "_guidekit_original": cls,
+    })
 
 
 def set_guidance(pipe: DiffusionPipeline, guidance: Guidance | str | None) -> DiffusionPipeline:
@@ -94,6 +101,11 @@ def set_guidance(pipe: DiffusionPipeline, guidance: Guidance | str | None) -> Di
     if not isinstance(guidance, Guidance):
         raise TypeError(f"guidance={guidance!r} is not accepted; expected a guidekit guidance, its text form "
                         "or None")
+    unsupported = guidance.passes() - _SUPPORTED_PASSES
+    if unsupported:
+        raise ValueError(f"guidance={guidance!r} is not accepted; it asks for the passes "
+                         f"{', '.join(sorted(p.name for p in unsupported))}, and this bridge evaluates "
+                         f"{', '.join(sorted(p.name for p in _SUPPORTED_PASSES))} beside the conditional one")
     family_of_class(type(pipe))
     original_scheduler = pipe.__dict__.get("_guidekit_scheduler", pipe.scheduler)
     sampler = _own_sampler(guidance, original_scheduler)
@@ -156,9 +168,40 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, bound: inspect.Bou
         pipe.__dict__["guidance_stats"] = proxy.stats
 
 
+class GuidedRun:
+    """What :func:`guided` yields: the stats of the pipeline calls made in its block."""
+
+    def __init__(self, pipe: DiffusionPipeline) -> None:
+        self._pipe = pipe
+        self._final: GuidanceStats | None = None
+        self._closed = False
+
+    @property
+    def stats(self) -> GuidanceStats | None:
+        """The network work of the last guided call in the block (``None`` before the first)."""
+        return self._final if self._closed else self._pipe.__dict__.get("guidance_stats")
+
+    def _close(self) -> None:
+        self._final, self._closed = self._pipe.__dict__.get("guidance_stats"), True
+
+
+@contextmanager
+def guided(pipe: DiffusionPipeline, guidance: Guidance | str) -> Iterator[GuidedRun]:
+    """Attach ``guidance`` for the duration of a ``with`` block; on exit, also when the block raises, the pipeline
+    gets back the guidance it had before (``None``: it is restored bitwise, its scheduler included)."""
+    previous = pipe.__dict__.get("_guidekit_guidance")
+    set_guidance(pipe, guidance)
+    run = GuidedRun(pipe)
+    try:
+        yield run
+    finally:
+        run._close()
+        set_guidance(pipe, previous)
+
+
 def install_pipeline_method() -> None:
     """Give every ``DiffusionPipeline`` a ``set_guidance`` method (done on ``import guidekit``)."""
     DiffusionPipeline.set_guidance = set_guidance  # type: ignore[attr-defined]
 
 
-__all__ = ["GuidanceStats", "brings_sampler", "install_pipeline_method", "set_guidance"]
+__all__ = ["GuidanceStats", "GuidedRun", "brings_sampler", "guided", "install_pipeline_method", "set_guidance"]

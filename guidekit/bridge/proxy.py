@@ -1,10 +1,15 @@
 """The denoiser proxy: runs only the rows a guidance needs and returns the guided prediction.
 
-During a guided pipeline call the denoiser's ``forward`` is replaced by a :class:`GuidedDenoiser`.
-For each call it reads the scheduler's state, asks the guidance which samples need an
-unconditional prediction, runs the wrapped forward on the conditional rows plus those unconditional
-rows only, combines them, and hands the pipeline ``[g; g]``. The pipeline's own CFG,
-``u + s (c - u)``, then returns exactly ``g`` whatever its ``guidance_scale``.
+During a guided pipeline call the denoiser's ``forward`` is replaced by a :class:`GuidedDenoiser`, made for
+that call: it holds the guidance's per-call state, so a guidance object shared by several pipelines is never
+written. For each denoiser call it reads the scheduler's state, asks the guidance which passes each sample needs,
+runs the wrapped forward on the conditional rows plus the unconditional rows that are needed only, combines
+them, and hands the pipeline ``[g; g]``. The pipeline's own CFG, ``u + s (c - u)``, then returns exactly ``g``
+whatever its ``guidance_scale``.
+
+Every forward is handed to the wrapped denoiser with the batch dimension of its tensors marked dynamic for
+``torch.compile`` (see :func:`mark_batch_dynamic`), so a compiled denoiser does not recompile when the number
+of rows changes.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import torch
 
 from guidekit.bridge.families import Family
 from guidekit.bridge.schedulers import SchedulerReader, model_space
-from guidekit.guidance.base import Guidance, GuidanceContext, apply_guidance
+from guidekit.guidance.base import COND, UNCOND, Guidance, GuidanceContext, apply_guidance
+from guidekit.samplers.protocols import TakesUnconditional
 
 
 @dataclass
@@ -27,24 +33,58 @@ class GuidanceStats:
     Attributes:
         model_calls: forward passes of the network (a batched CFG call is one; Flux's true CFG makes two
             per step unless no sample needs the unconditional branch).
-        cond_rows / uncond_rows: rows evaluated by the network, per branch.
-        cond_rows_skipped / uncond_rows_skipped: rows that native CFG would have evaluated and the
-            guidance did not need (the conditional branch is always evaluated, so ``cond_rows_skipped``
-            is 0 for every method guidekit has today).
+        computed: per pass name (``"cond"``, ``"uncond"``), rows evaluated by the network.
+        skipped: per pass name, rows that native CFG would have evaluated and the guidance did not need (the
+            conditional pass is always evaluated).
         uncond_rows_per_sample: unconditional rows evaluated for each sample of the batch.
     """
 
     model_calls: int = 0
-    cond_rows: int = 0
-    uncond_rows: int = 0
-    cond_rows_skipped: int = 0
-    uncond_rows_skipped: int = 0
+    computed: dict[str, int] = field(default_factory=lambda: {COND.name: 0, UNCOND.name: 0})
+    skipped: dict[str, int] = field(default_factory=lambda: {COND.name: 0, UNCOND.name: 0})
     uncond_rows_per_sample: list[int] = field(default_factory=list)
+
+    @property
+    def cond_rows(self) -> int:
+        """Conditional rows evaluated."""
+        return self.computed[COND.name]
+
+    @property
+    def uncond_rows(self) -> int:
+        """Unconditional rows evaluated."""
+        return self.computed[UNCOND.name]
+
+    @property
+    def cond_rows_skipped(self) -> int:
+        """Conditional rows skipped (0: the conditional pass is always evaluated)."""
+        return self.skipped[COND.name]
+
+    @property
+    def uncond_rows_skipped(self) -> int:
+        """Unconditional rows native CFG would have evaluated and the guidance did not need."""
+        return self.skipped[UNCOND.name]
 
     @property
     def rows(self) -> int:
         """All rows evaluated by the network."""
-        return self.cond_rows + self.uncond_rows
+        return sum(self.computed.values())
+
+
+def mark_batch_dynamic(value: Any, n: int) -> None:
+    """Mark dimension 0 of every tensor in ``value`` with ``n`` rows as dynamic for ``torch.compile``.
+
+    The mark is unbacked (:func:`torch._dynamo.decorators.mark_unbacked`), so a compiled denoiser makes one graph
+    for every row count, 1 included, instead of recompiling at the first call whose count differs.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.ndim and value.shape[0] == n:
+            torch._dynamo.decorators.mark_unbacked(value, 0)
+    elif isinstance(value, dict):
+        for v in value.values():
+            mark_batch_dynamic(v, n)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            mark_batch_dynamic(v, n)
 
 
 def _take(value: Any, index: slice | torch.Tensor, n: int) -> Any:
@@ -89,6 +129,7 @@ class GuidedDenoiser:
         self.batched = batched
         self.pipeline_scale = pipeline_scale
         self.stats = GuidanceStats()
+        self.state: Any = None  # the guidance's per-call state, made at the first denoiser call
         self._reader: SchedulerReader | None = None
         self._rows = torch.arange(0)
         self._channels: int | None = None  # guided channels, known after the first call
@@ -98,7 +139,7 @@ class GuidedDenoiser:
         self._tau = float("nan")
         self._pending: tuple[GuidanceContext, torch.Tensor, torch.Tensor, Any] | None = None
         # A sampler that renoises with the unconditional prediction (CFG++) receives it at every call.
-        self._receiver: Callable[[torch.Tensor], None] | None = getattr(scheduler, "guidekit_unconditional", None)
+        self._receiver = scheduler if isinstance(scheduler, TakesUnconditional) else None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.family.separate_calls and self.batched:
@@ -110,7 +151,7 @@ class GuidedDenoiser:
         if self._reader is None:  # first call: the pipeline has set its timesteps
             self._reader = SchedulerReader(self.scheduler)
             self._rows = torch.arange(b)
-            self.guidance.reset(b)
+            self.state = self.guidance.init_state(b)
             self.stats.uncond_rows_per_sample = [0] * b
         state = self._reader(timestep)
         if not state.corrector:
@@ -123,7 +164,7 @@ class GuidedDenoiser:
                               corrector=state.corrector, rows=self._rows, batch_size=b)
         if not self.batched:
             return ctx, torch.zeros(b, dtype=torch.bool)
-        return ctx, self.guidance.needs_unconditional(ctx)
+        return ctx, self.guidance.needs(ctx, self.state)[UNCOND]
 
     def _combine(self, ctx: GuidanceContext, cond: torch.Tensor, uncond: torch.Tensor, guided: torch.Tensor,
                  n_guided: int) -> torch.Tensor:
@@ -137,13 +178,13 @@ class GuidedDenoiser:
             ctx = replace(ctx, x=ctx.x[:, :c])
         if cond.shape[1] != c:
             cond, uncond = cond[:, :c], uncond[:, :c]
-        pred = apply_guidance(self.guidance, cond, uncond, guided, ctx)
+        pred = apply_guidance(self.guidance, cond, {UNCOND: uncond}, {UNCOND: guided}, ctx, self.state)
         if self._receiver is not None:  # samples without an unconditional row pass their conditional one
             if n_guided != len(guided):
                 full = cond.clone()
                 full[guided.nonzero().flatten().to(cond.device)] = uncond
                 uncond = full
-            self._receiver(uncond)
+            self._receiver.receive_unconditional(uncond)
         return pred
 
     @staticmethod
@@ -215,15 +256,17 @@ class GuidedDenoiser:
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         self.stats.model_calls += 1
+        sample, _ = _sample_and_timestep(args, kwargs)
+        mark_batch_dynamic((args, kwargs), sample.shape[0])
         return self.forward(*args, **kwargs)
 
     def _count(self, guided: torch.Tensor, n_guided: int) -> None:
         s = self.stats
         b = len(guided)
-        s.cond_rows += b
-        s.uncond_rows += n_guided
+        s.computed[COND.name] += b
+        s.computed[UNCOND.name] += n_guided
         if self.batched:
-            s.uncond_rows_skipped += b - n_guided
+            s.skipped[UNCOND.name] += b - n_guided
         if n_guided == b:
             s.uncond_rows_per_sample = [n + 1 for n in s.uncond_rows_per_sample]
         elif n_guided:

@@ -16,7 +16,7 @@ The traps (REFERENCE section 2) and how they are handled:
 * Flow schedulers (``FlowMatch*``, or DPM-Solver with ``use_flow_sigmas``) store flow time ``t`` in
   ``sigmas``.
 * Subclasses of a supported scheduler (LML's) are read as their base class. guidekit's own samplers
-  report their state themselves through ``guidekit_call(timestep)``.
+  report their state themselves (:class:`~guidekit.samplers.protocols.ReportsCalls`).
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 import guidekit.samplers
 from guidekit.parameterization import NoiseLevel
+from guidekit.samplers.protocols import ReportsCalls
 
 #: Scheduler class name -> how the call's noise level is read.
 _SIGMA_TABLE = "sigmas"
 _ALPHAS_CUMPROD = "alphas_cumprod"
-_SELF_REPORTING = "guidekit_call"
+_SELF_REPORTING = "self-reporting"
 SUPPORTED_SCHEDULERS: dict[str, str] = {
     "DDIMScheduler": _ALPHAS_CUMPROD,
     "DDPMScheduler": _ALPHAS_CUMPROD,
@@ -67,7 +68,7 @@ class SchedulerCall:
 
 def _supported_base(scheduler: SchedulerMixin) -> str | None:
     """The name of the first class in the scheduler's MRO that guidekit knows how to read, if any."""
-    if hasattr(type(scheduler), _SELF_REPORTING):
+    if isinstance(scheduler, ReportsCalls):
         return type(scheduler).__name__
     return next((c.__name__ for c in type(scheduler).__mro__ if c.__name__ in SUPPORTED_SCHEDULERS), None)
 
@@ -132,7 +133,7 @@ class SchedulerReader:
     def __call__(self, timestep: torch.Tensor | float) -> SchedulerCall:
         """The state at the denoiser call being made now at ``timestep`` (the scheduler's units)."""
         if self.kind == _SELF_REPORTING:
-            level, corrector, tau = self.scheduler.guidekit_call(timestep)
+            level, corrector, tau = self.scheduler.denoiser_call(timestep)
             return SchedulerCall(level, corrector, tau, self.num_steps)
         if self.kind == _ALPHAS_CUMPROD:
             if self._first_index is None:

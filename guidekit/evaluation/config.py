@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guidekit.guidance.base import check_int
+from guidekit.validation import check_int
 
 #: Metrics ``guidekit eval`` knows, and the feature network each needs.
 METRICS: dict[str, str] = {

@@ -48,7 +48,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from guidekit.guidance.base import check_int
+from guidekit.validation import check_int
 
 __all__ = [
     "INCEPTION_ENV",

@@ -37,7 +37,7 @@ from PIL import Image
 
 from guidekit.evaluation.features import FeatureNetwork
 from guidekit.evaluation.stats import RunningStatistics
-from guidekit.guidance.base import check_int
+from guidekit.validation import check_int
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -1,8 +1,17 @@
-"""Guidance methods: pure tensor maths on one denoiser call's predictions (no pipeline code)."""
+"""Guidance methods: pure tensor maths on one denoiser call's predictions (no pipeline code, no diffusers)."""
 
 from guidekit.guidance.adaptive import AdaptiveGuidance
 from guidekit.guidance.apg import APG
-from guidekit.guidance.base import Guidance, GuidanceContext, apply_guidance
+from guidekit.guidance.base import (
+    COND,
+    UNCOND,
+    BringsSampler,
+    Guidance,
+    GuidanceContext,
+    Pass,
+    TwoPassGuidance,
+    apply_guidance,
+)
 from guidekit.guidance.cfg import CFG
 from guidekit.guidance.cfg_zero import CFGZeroStar
 from guidekit.guidance.cfgpp import CFGPP
@@ -16,9 +25,12 @@ __all__ = [
     "APG",
     "CFG",
     "CFGPP",
+    "COND",
     "PCG",
     "SCHEDULES",
+    "UNCOND",
     "AdaptiveGuidance",
+    "BringsSampler",
     "CFGZeroStar",
     "Guidance",
     "GuidanceContext",
@@ -26,8 +38,10 @@ __all__ = [
     "Interval",
     "LinearAG",
     "LinearAGFit",
+    "Pass",
     "PredictionRecorder",
     "Scheduled",
+    "TwoPassGuidance",
     "apply_guidance",
     "fit_linear_ag",
     "format_guidance",

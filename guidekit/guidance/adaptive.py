@@ -5,29 +5,33 @@ predictions is measured per sample (flattened). Guidance runs while ``gamma_t < 
 first step at which ``gamma_t >= gamma_bar`` the sample is switched to conditional-only for the rest
 of the pipeline call (the switch is permanent). The step that triggers the switch is still guided,
 and the switch takes effect at the next solver step, so both calls of a Heun step agree. Samples of
-a batch switch independently, and only the rows still guided are evaluated.
+a batch switch independently, and only the rows still guided are evaluated. The switches live in the per-call
+state (:class:`~guidekit.guidance.base.WrappedState`, ``own``: the last guided step of each sample).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 from guidekit.guidance.base import (
-    Guidance,
     GuidanceContext,
     GuidanceWrapper,
-    check_number,
+    TwoPassGuidance,
+    WrappedState,
     per_sample_dot,
     per_sample_norm,
+    set_field,
 )
 from guidekit.parameterization import check_space
+from guidekit.validation import check_number
 
 _NEVER = torch.iinfo(torch.int64).max
 
 
-@dataclass(eq=True)
+@dataclass(frozen=True)
 class AdaptiveGuidance(GuidanceWrapper):
     """Guide with ``inner`` until the two predictions align, then stop guiding that sample.
 
@@ -39,28 +43,23 @@ class AdaptiveGuidance(GuidanceWrapper):
         space: the prediction space of the cosine similarity (the paper's is ``"eps"``).
     """
 
-    inner: Guidance
+    inner: TwoPassGuidance
     threshold: float = 0.991
     space: str = "eps"
-    _last_step: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._check_inner()
-        self.threshold = check_number("threshold", self.threshold, low=0.0, high=1.0, low_open=True)
+        set_field(self, "threshold", check_number("threshold", self.threshold, low=0.0, high=1.0, low_open=True))
         check_space("space", self.space)
 
-    def reset(self, batch_size: int) -> None:
-        super().reset(batch_size)
-        self._last_step = torch.full((batch_size,), _NEVER, dtype=torch.int64)
+    def init_state(self, batch_size: int) -> WrappedState:
+        """``own``: per sample, the last step that is guided (none yet: the largest int64)."""
+        return WrappedState(torch.full((batch_size,), _NEVER, dtype=torch.int64), self.inner.init_state(batch_size))
 
-    def _last(self, ctx: GuidanceContext) -> torch.Tensor:
-        if self._last_step is None or len(self._last_step) != ctx.batch_size:
-            self.reset(ctx.batch_size)
-        return self._last_step[ctx.rows]  # type: ignore[index]
-
-    def needs_unconditional(self, ctx: GuidanceContext, scale: float | None = None) -> torch.Tensor:
-        still = ctx.step <= self._last(ctx)
-        return self.inner.needs_unconditional(ctx, scale) & still
+    def needs_unconditional(self, ctx: GuidanceContext, state: Any = None, scale: float | None = None
+                            ) -> torch.Tensor:
+        still = ctx.step <= state.own[ctx.rows]
+        return self.inner.needs_unconditional(ctx, state.inner, scale) & still
 
     def similarity(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext) -> torch.Tensor:
         """``gamma_t`` per sample: cosine similarity of the two predictions in ``self.space``."""
@@ -68,10 +67,13 @@ class AdaptiveGuidance(GuidanceWrapper):
         c, u = ctx64.to_space(cond.double(), self.space), ctx64.to_space(uncond.double(), self.space)
         return (per_sample_dot(c, u) / (per_sample_norm(c) * per_sample_norm(u))).flatten()
 
-    def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext,
+    def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext, state: Any = None,
                 scale: float | None = None) -> torch.Tensor:
         switch = (self.similarity(cond, uncond, ctx) >= self.threshold).cpu()
         if switch.any():
             rows = ctx.rows[switch]
-            self._last_step[rows] = torch.clamp(self._last_step[rows], max=ctx.step)  # type: ignore[index]
-        return self.inner.combine(cond, uncond, ctx, scale)
+            state.own[rows] = torch.clamp(state.own[rows], max=ctx.step)
+        return self.inner.combine(cond, uncond, ctx, state.inner, scale)
+
+    def conditional_only(self, cond: torch.Tensor, ctx: GuidanceContext, state: Any = None) -> torch.Tensor:
+        return self.inner.conditional_only(cond, ctx, state.inner)

@@ -10,20 +10,30 @@ In the denoised (``x0``) space, with ``Delta_k = D_c - D_u`` at model evaluation
 
 With ``eta = 1``, ``r = 0`` and ``beta = 0`` this is CFG. The momentum buffer keeps the un-clamped
 average and is updated once per model evaluation, as in the authors' reference algorithm; it is per
-sample and reset at the start of each pipeline call.
+sample and lives in the per-call state (:class:`APGState`), new at each pipeline call.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from guidekit.guidance.base import GuidanceContext, WeightedGuidance, check_number, per_sample_dot, per_sample_norm
+from guidekit.guidance.base import GuidanceContext, WeightedGuidance, per_sample_dot, per_sample_norm, set_field
 from guidekit.parameterization import check_space
+from guidekit.validation import check_number
 
 
-@dataclass(eq=True)
+@dataclass
+class APGState:
+    """APG's state in one pipeline call: the momentum buffer ``Dbar`` of every sample (``None`` until the first
+    guided evaluation)."""
+
+    buffer: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class APG(WeightedGuidance):
     """Adaptive projected guidance.
 
@@ -39,27 +49,26 @@ class APG(WeightedGuidance):
     norm_threshold: float = 15.0
     momentum: float = -0.5
     space: str = "x0"
-    _buffer: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.eta = check_number("eta", self.eta)
-        self.norm_threshold = check_number("norm_threshold", self.norm_threshold, low=0.0)
-        self.momentum = check_number("momentum", self.momentum, low=-1.0, high=1.0, low_open=True,
-                                     high_open=True)
+        set_field(self, "eta", check_number("eta", self.eta))
+        set_field(self, "norm_threshold", check_number("norm_threshold", self.norm_threshold, low=0.0))
+        set_field(self, "momentum", check_number("momentum", self.momentum, low=-1.0, high=1.0, low_open=True,
+                                                 high_open=True))
         check_space("space", self.space, allow_model=True)
 
-    def reset(self, batch_size: int) -> None:
-        self._buffer = None
+    def init_state(self, batch_size: int) -> APGState | None:
+        return APGState() if self.momentum != 0.0 else None
 
-    def combine_in_space(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext,
+    def combine_in_space(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext, state: Any,
                          scale: float) -> torch.Tensor:
         diff = cond - uncond
         if self.momentum != 0.0:
-            if self._buffer is None or self._buffer.shape[1:] != diff.shape[1:]:
-                self._buffer = diff.new_zeros((ctx.batch_size, *diff.shape[1:]))
-            diff = diff + self.momentum * self._buffer[ctx.rows]
-            self._buffer[ctx.rows] = diff
+            if state.buffer is None or state.buffer.shape[1:] != diff.shape[1:]:
+                state.buffer = diff.new_zeros((ctx.batch_size, *diff.shape[1:]))
+            diff = diff + self.momentum * state.buffer[ctx.rows]
+            state.buffer[ctx.rows] = diff
         if self.norm_threshold > 0:
             diff = diff * torch.clamp(self.norm_threshold / per_sample_norm(diff), max=1.0)
         c64, d64 = cond.double(), diff.double()

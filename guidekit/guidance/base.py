@@ -1,24 +1,50 @@
-"""The guidance interface: which predictions a call needs, and how they combine.
+"""The guidance interface: which predictions (passes) a denoiser call needs, per sample, and how they combine.
 
-A guidance object sees one denoiser call at a time through a :class:`GuidanceContext`. It answers,
-per sample, whether the unconditional prediction is needed (:meth:`Guidance.needs_unconditional`),
-and combines the conditional and unconditional predictions of the samples that have both
-(:meth:`Guidance.combine`). Predictions arrive and leave in the model's own output space; each
-method converts to the space its paper uses (``space``) through :mod:`guidekit.parameterization`.
+A guidance is an immutable value: hashable, comparable, picklable, with a text form (:mod:`guidekit.guidance.spec`).
+Whatever it accumulates during one pipeline call (APG's momentum, Adaptive Guidance's switches) lives in a state
+object that :meth:`Guidance.init_state` makes at the start of each call and the caller hands back at every
+denoiser call, so one guidance object can serve several pipelines in several threads.
+
+At each denoiser call the bridge asks :meth:`Guidance.needs` which passes each sample needs beyond the conditional
+prediction (always computed), evaluates only those rows, and hands :meth:`Guidance.guide` the predictions of a
+group of samples that have the same passes. Predictions arrive and leave in the model's own output space; each
+method converts to the space its paper uses through :mod:`guidekit.parameterization`.
 
 Weights follow REFERENCE section 0: ``w = 1`` is no guidance, ``D_w = D_u + w (D_c - D_u)``.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
 from guidekit.parameterization import NoiseLevel
+from guidekit.validation import check_number
+
+
+@dataclass(frozen=True)
+class Pass:
+    """A prediction of the denoiser that a guidance can ask for at a call.
+
+    Attributes:
+        name: ``"cond"`` (the conditional prediction) or ``"uncond"`` (the negative prompt or null class).
+    """
+
+    name: str
+
+
+#: The conditional prediction; computed for every sample at every call.
+COND = Pass("cond")
+#: The unconditional prediction (the negative prompt, or the null class).
+UNCOND = Pass("uncond")
+
+#: Per pass, a boolean CPU mask over the rows of a context.
+PassMasks = dict[Pass, torch.Tensor]
+#: Per pass, the predictions (model space) of the rows of a context.
+Predictions = Mapping[Pass, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -68,68 +94,91 @@ class GuidanceContext:
         return self.level.convert(y, self.x, space, self.model_space)
 
 
-def check_number(name: str, value: object, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False) -> float:
-    """Return ``value`` as a float, or raise a ``ValueError`` that names the parameter and the range."""
-    lo = "" if low is None else f"{'(' if low_open else '['}{low}"
-    hi = "" if high is None else f"{high}{')' if high_open else ']'}"
-    accepted = f"a finite number in {lo or '(-inf'}, {hi or 'inf)'}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} is not accepted; expected {accepted}")
-    v = float(value)
-    bad_low = low is not None and (v <= low if low_open else v < low)
-    bad_high = high is not None and (v >= high if high_open else v > high)
-    if bad_low or bad_high:
-        raise ValueError(f"{name}={value!r} is not accepted; expected {accepted}")
-    return v
-
-
-def check_int(name: str, value: object, *, low: int, high: int | None = None) -> int:
-    """Return ``value`` as an int if it is an integer (not a bool; numpy's count) in ``[low, high]``, else a
-    ``ValueError`` naming the parameter and the range."""
-    accepted = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low \
-            or (high is not None and value > high):
-        raise ValueError(f"{name}={value!r} is not accepted; expected {accepted}")
-    return int(value)
+def set_field(obj: object, name: str, value: object) -> None:
+    """Set a field of a frozen dataclass during its own ``__post_init__`` (validated, normalised values)."""
+    object.__setattr__(obj, name, value)
 
 
 class Guidance:
-    """Base class of every guidance method.
+    """Base class of every guidance method (an immutable value; see the module docstring).
 
-    Subclasses override :meth:`needs_unconditional` and :meth:`combine`; stateful methods override
-    :meth:`reset`, which the bridge calls at the start of every pipeline call.
+    Subclasses say which passes they may ever ask for (:meth:`passes`), which each sample needs at a call
+    (:meth:`needs`), and how the predictions combine (:meth:`guide`). Methods with per-call state override
+    :meth:`init_state`.
     """
 
-    #: Whether the method ever asks for the unconditional prediction.
-    uses_unconditional: bool = True
+    def passes(self) -> frozenset[Pass]:
+        """Every pass beyond :data:`COND` that the method may ask for."""
+        return frozenset({UNCOND})
 
-    def reset(self, batch_size: int) -> None:
-        """Forget per-sample state before a new pipeline call with ``batch_size`` samples."""
+    @property
+    def uses_unconditional(self) -> bool:
+        """Whether the method ever asks for the unconditional prediction."""
+        return UNCOND in self.passes()
 
-    def needs_unconditional(self, ctx: GuidanceContext, scale: float | None = None) -> torch.Tensor:
-        """Boolean mask over ``ctx.rows``: which samples need the unconditional prediction.
+    def init_state(self, batch_size: int) -> Any:
+        """The per-call state of a new pipeline call with ``batch_size`` samples (``None``: stateless)."""
+        return None
 
-        ``scale`` overrides the method's own weight, as in :meth:`combine`.
-        """
-        return torch.ones(len(ctx.rows), dtype=torch.bool)  # on the CPU, like every mask
+    def needs(self, ctx: GuidanceContext, state: Any, scale: float | None = None) -> PassMasks:
+        """For each pass of :meth:`passes`, a boolean CPU mask over ``ctx.rows``: the samples that need it.
 
-    def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext,
-                scale: float | None = None) -> torch.Tensor:
-        """Guided prediction (model space) of the samples in ``ctx.rows`` from both predictions.
-
-        ``scale`` overrides the method's own weight (used by weight schedules). ``cond`` and ``uncond`` may
-        be views of the network's output: copy what is kept beyond the call.
+        ``scale`` overrides the method's own weight, as in :meth:`guide`.
         """
         raise NotImplementedError
 
-    def conditional_only(self, cond: torch.Tensor, ctx: GuidanceContext) -> torch.Tensor:
+    def guide(self, preds: Predictions, ctx: GuidanceContext, state: Any, scale: float | None = None
+              ) -> torch.Tensor:
+        """Guided prediction (model space) of the samples in ``ctx.rows``.
+
+        ``preds`` holds :data:`COND` and the passes these samples were found to need. ``scale`` overrides the
+        method's own weight (used by weight schedules). The predictions may be views of the network's output:
+        copy what is kept beyond the call.
+        """
+        raise NotImplementedError
+
+
+@runtime_checkable
+class BringsSampler(Protocol):
+    """A guidance that is half of a sampler (PCG, CFG++): attaching it also installs its scheduler."""
+
+    def make_sampler(self, scheduler_config: Mapping[str, Any]) -> Any:
+        """The guidance's own scheduler, built from the pipeline's scheduler config (a VP schedule)."""
+
+
+class TwoPassGuidance(Guidance):
+    """A guidance of the conditional and unconditional predictions (CFG and its reshapings).
+
+    Subclasses write :meth:`needs_unconditional`, :meth:`combine` (samples that have both predictions) and,
+    where it is not the conditional prediction itself, :meth:`conditional_only`.
+    """
+
+    def needs(self, ctx: GuidanceContext, state: Any, scale: float | None = None) -> PassMasks:
+        return {UNCOND: self.needs_unconditional(ctx, state, scale)}
+
+    def guide(self, preds: Predictions, ctx: GuidanceContext, state: Any, scale: float | None = None
+              ) -> torch.Tensor:
+        if UNCOND in preds:
+            return self.combine(preds[COND], preds[UNCOND], ctx, state, scale)
+        return self.conditional_only(preds[COND], ctx, state)
+
+    def needs_unconditional(self, ctx: GuidanceContext, state: Any = None, scale: float | None = None
+                            ) -> torch.Tensor:
+        """Boolean CPU mask over ``ctx.rows``: which samples need the unconditional prediction."""
+        return torch.ones(len(ctx.rows), dtype=torch.bool)
+
+    def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext, state: Any = None,
+                scale: float | None = None) -> torch.Tensor:
+        """Guided prediction (model space) of the samples in ``ctx.rows`` from both predictions."""
+        raise NotImplementedError
+
+    def conditional_only(self, cond: torch.Tensor, ctx: GuidanceContext, state: Any = None) -> torch.Tensor:
         """Prediction (model space) of samples that have no unconditional prediction at this call."""
         return cond
 
 
-@dataclass(eq=True)
-class WeightedGuidance(Guidance):
+@dataclass(frozen=True)
+class WeightedGuidance(TwoPassGuidance):
     """A guidance with a weight ``scale`` that works in one prediction space.
 
     ``space="model"`` means the model's own output space.
@@ -139,22 +188,22 @@ class WeightedGuidance(Guidance):
 
     space = "model"
 
-    @property
-    def uses_unconditional(self) -> bool:  # type: ignore[override]
-        return self.scale != 1.0
-
-    def __post_init__(self) -> None:
-        self.scale = check_number("scale", self.scale, low=0.0)
-
-    def needs_unconditional(self, ctx: GuidanceContext, scale: float | None = None) -> torch.Tensor:
-        weight = self.scale if scale is None else scale
-        return torch.full((len(ctx.rows),), weight != 1.0, dtype=torch.bool)
-
     #: Whether the formula is linear in the predictions; linear formulas run in the model's own space and
     #: dtype, which makes plain CFG reproduce the pipeline's native arithmetic bit for bit.
     linear: ClassVar[bool] = False
 
-    def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext,
+    def __post_init__(self) -> None:
+        set_field(self, "scale", check_number("scale", self.scale, low=0.0))
+
+    def passes(self) -> frozenset[Pass]:
+        return frozenset({UNCOND}) if self.scale != 1.0 else frozenset()
+
+    def needs_unconditional(self, ctx: GuidanceContext, state: Any = None, scale: float | None = None
+                            ) -> torch.Tensor:
+        weight = self.scale if scale is None else scale
+        return torch.full((len(ctx.rows),), weight != 1.0, dtype=torch.bool)
+
+    def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext, state: Any = None,
                 scale: float | None = None) -> torch.Tensor:
         """Convert to ``self.space``, apply the formula, convert back.
 
@@ -163,14 +212,14 @@ class WeightedGuidance(Guidance):
         """
         weight = self.scale if scale is None else scale
         if self.linear:
-            return self.combine_in_space(cond, uncond, ctx, weight)
+            return self.combine_in_space(cond, uncond, ctx, state, weight)
         space = ctx.model_space if self.space == "model" else self.space
         ctx64 = replace(ctx, x=ctx.x.double())
         out = self.combine_in_space(ctx64.to_space(cond.double(), space), ctx64.to_space(uncond.double(), space),
-                                    ctx64, weight)
+                                    ctx64, state, weight)
         return ctx64.from_space(out, space).to(cond.dtype)
 
-    def combine_in_space(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext,
+    def combine_in_space(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext, state: Any,
                          scale: float) -> torch.Tensor:
         """The method's formula, with both predictions already in ``self.space``."""
         raise NotImplementedError
@@ -195,56 +244,75 @@ def per_sample_std(a: torch.Tensor) -> torch.Tensor:
     return _broadcast(a.flatten(1).std(dim=1), a)
 
 
-def apply_guidance(guidance: Guidance, cond: torch.Tensor, uncond: torch.Tensor,
-                   guided: torch.Tensor, ctx: GuidanceContext) -> torch.Tensor:
+def apply_guidance(guidance: Guidance, cond: torch.Tensor, extra: Predictions, masks: PassMasks,
+                   ctx: GuidanceContext, state: Any) -> torch.Tensor:
     """Combine one call's predictions for the whole batch.
+
+    Samples are grouped by the passes they have; :meth:`Guidance.guide` runs once per group.
 
     Args:
         guidance: the method.
         cond: conditional predictions of every sample, model space, ``(B, ...)``.
-        uncond: unconditional predictions of the guided samples only, ``(guided.sum(), ...)``.
-        guided: boolean CPU mask ``(B,)``: the samples whose unconditional prediction was computed.
+        extra: per pass of ``masks``, the predictions of the samples whose mask is set, in row order.
+        masks: per pass, the boolean CPU mask ``(B,)`` of the samples for which it was computed.
         ctx: the call's context over all ``B`` samples.
+        state: the guidance's state for this pipeline call.
     """
-    n_guided = len(uncond)
-    if n_guided == len(guided):
-        return guidance.combine(cond, uncond, ctx).to(cond.dtype)
-    if n_guided == 0:
-        return guidance.conditional_only(cond, ctx).to(cond.dtype)
-    idx, rest = guided.nonzero().squeeze(1), (~guided).nonzero().squeeze(1)
+    passes = list(masks)
+    keys = list(zip(*(masks[p].tolist() for p in passes), strict=True)) if passes else [()] * len(cond)
+    groups = sorted(set(keys))
+    if len(groups) == 1:
+        preds = {COND: cond, **{p: extra[p] for p, on in zip(passes, groups[0], strict=True) if on}}
+        return guidance.guide(preds, ctx, state).to(cond.dtype)
     out = torch.empty_like(cond)
-    out[idx.to(cond.device)] = guidance.combine(cond[idx.to(cond.device)], uncond, ctx.subset(idx)).to(out.dtype)
-    out[rest.to(cond.device)] = guidance.conditional_only(cond[rest.to(cond.device)], ctx.subset(rest)).to(out.dtype)
+    positions = {p: masks[p].cumsum(0) - 1 for p in passes}
+    for key in groups:
+        idx = torch.tensor([i for i, k in enumerate(keys) if k == key])
+        preds = {COND: cond[idx.to(cond.device)]}
+        for p, on in zip(passes, key, strict=True):
+            if on:
+                preds[p] = extra[p][positions[p][idx].to(cond.device)]
+        out[idx.to(cond.device)] = guidance.guide(preds, ctx.subset(idx), state).to(out.dtype)
     return out
 
 
-class GuidanceWrapper(Guidance):
-    """A guidance that modifies another (``inner``): everything it does not override is delegated."""
+class GuidanceWrapper(TwoPassGuidance):
+    """A guidance that modifies another two-pass guidance (``inner``): everything it does not override is
+    delegated, the per-call state included."""
 
-    inner: Guidance
+    inner: TwoPassGuidance
 
     def _check_inner(self) -> None:
-        if not isinstance(self.inner, Guidance):
-            raise TypeError(f"inner={self.inner!r} is not accepted; expected a guidekit guidance object")
+        if not isinstance(self.inner, TwoPassGuidance):
+            raise TypeError(f"inner={self.inner!r} is not accepted; expected a guidekit guidance of the conditional "
+                            "and unconditional predictions (CFG, APG, CFG-Zero*, or a wrapper of one)")
 
-    @property
-    def uses_unconditional(self) -> bool:  # type: ignore[override]
-        return self.inner.uses_unconditional
+    def passes(self) -> frozenset[Pass]:
+        return self.inner.passes()
 
     @property
     def scale(self) -> float:
         """The weight of the innermost weighted guidance."""
         return self.inner.scale  # type: ignore[attr-defined]
 
-    def reset(self, batch_size: int) -> None:
-        self.inner.reset(batch_size)
+    def init_state(self, batch_size: int) -> Any:
+        return self.inner.init_state(batch_size)
 
-    def needs_unconditional(self, ctx: GuidanceContext, scale: float | None = None) -> torch.Tensor:
-        return self.inner.needs_unconditional(ctx, scale)
+    def needs_unconditional(self, ctx: GuidanceContext, state: Any = None, scale: float | None = None
+                            ) -> torch.Tensor:
+        return self.inner.needs_unconditional(ctx, state, scale)
 
-    def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext,
+    def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext, state: Any = None,
                 scale: float | None = None) -> torch.Tensor:
-        return self.inner.combine(cond, uncond, ctx, scale)
+        return self.inner.combine(cond, uncond, ctx, state, scale)
 
-    def conditional_only(self, cond: torch.Tensor, ctx: GuidanceContext) -> torch.Tensor:
-        return self.inner.conditional_only(cond, ctx)
+    def conditional_only(self, cond: torch.Tensor, ctx: GuidanceContext, state: Any = None) -> torch.Tensor:
+        return self.inner.conditional_only(cond, ctx, state)
+
+
+@dataclass
+class WrappedState:
+    """Per-call state of a wrapper with state of its own: ``own``, and its inner guidance's ``inner``."""
+
+    own: Any
+    inner: Any

@@ -14,14 +14,16 @@ which rescales whatever the model outputs (eps for SD1.5).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from guidekit.guidance.base import GuidanceContext, WeightedGuidance, check_number, per_sample_std
+from guidekit.guidance.base import GuidanceContext, WeightedGuidance, per_sample_std, set_field
 from guidekit.parameterization import check_space
+from guidekit.validation import check_number
 
 
-@dataclass(eq=True)
+@dataclass(frozen=True)
 class CFG(WeightedGuidance):
     """Classifier-free guidance at weight ``scale`` (``1`` = no guidance), optionally rescaled.
 
@@ -37,7 +39,7 @@ class CFG(WeightedGuidance):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.rescale = check_number("rescale", self.rescale, low=0.0, high=1.0)
+        set_field(self, "rescale", check_number("rescale", self.rescale, low=0.0, high=1.0))
         check_space("rescale_space", self.rescale_space, allow_model=True)
 
     @property
@@ -48,7 +50,7 @@ class CFG(WeightedGuidance):
     def linear(self) -> bool:  # type: ignore[override]
         return self.rescale == 0
 
-    def combine_in_space(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext,
+    def combine_in_space(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext, state: Any,
                          scale: float) -> torch.Tensor:
         guided = uncond + scale * (cond - uncond)
         if self.rescale == 0:

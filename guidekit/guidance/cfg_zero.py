@@ -15,14 +15,16 @@ For variance-preserving models the velocity is obtained through :mod:`guidekit.p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from guidekit.guidance.base import GuidanceContext, WeightedGuidance, per_sample_dot
+from guidekit.guidance.base import GuidanceContext, WeightedGuidance, per_sample_dot, set_field
 from guidekit.parameterization import check_space
+from guidekit.validation import check_int
 
 
-@dataclass(eq=True)
+@dataclass(frozen=True)
 class CFGZeroStar(WeightedGuidance):
     """CFG with an optimised unconditional scale and zero-initialised first steps.
 
@@ -37,26 +39,24 @@ class CFGZeroStar(WeightedGuidance):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.zero_init_steps, bool) or not isinstance(self.zero_init_steps, int) \
-                or self.zero_init_steps < 0:
-            raise ValueError(f"zero_init_steps={self.zero_init_steps!r} is not accepted; "
-                             "expected an integer >= 0")
+        set_field(self, "zero_init_steps", check_int("zero_init_steps", self.zero_init_steps, low=0))
         check_space("space", self.space, allow_model=True)
 
     def _zeroed(self, ctx: GuidanceContext) -> bool:
         return ctx.step < self.zero_init_steps
 
-    def needs_unconditional(self, ctx: GuidanceContext, scale: float | None = None) -> torch.Tensor:
-        mask = super().needs_unconditional(ctx, scale)
+    def needs_unconditional(self, ctx: GuidanceContext, state: Any = None, scale: float | None = None
+                            ) -> torch.Tensor:
+        mask = super().needs_unconditional(ctx, state, scale)
         return mask & (not self._zeroed(ctx))
 
-    def conditional_only(self, cond: torch.Tensor, ctx: GuidanceContext) -> torch.Tensor:
+    def conditional_only(self, cond: torch.Tensor, ctx: GuidanceContext, state: Any = None) -> torch.Tensor:
         if self._zeroed(ctx):
             x64 = ctx.x.double()
             return ctx.level.convert(torch.zeros_like(x64), x64, "flow", ctx.model_space).to(cond.dtype)
         return cond
 
-    def combine_in_space(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext,
+    def combine_in_space(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext, state: Any,
                          scale: float) -> torch.Tensor:
         s_star = per_sample_dot(cond, uncond) / (per_sample_dot(uncond, uncond) + 1e-8)
         return s_star * uncond + scale * (cond - s_star * uncond)

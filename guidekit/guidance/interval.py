@@ -9,13 +9,15 @@ sigma, so both evaluations of a Heun step share it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from guidekit.guidance.base import Guidance, GuidanceContext, GuidanceWrapper, check_number
+from guidekit.guidance.base import GuidanceContext, GuidanceWrapper, TwoPassGuidance, set_field
+from guidekit.validation import check_number
 
 
-@dataclass(eq=True)
+@dataclass(frozen=True)
 class Interval(GuidanceWrapper):
     """Apply ``inner`` only while the step's sigma lies in ``(sigma_lo, sigma_hi]`` (EDM sigma).
 
@@ -25,15 +27,15 @@ class Interval(GuidanceWrapper):
         sigma_hi: upper end (inclusive), ``> sigma_lo``; ``float("inf")`` for no upper end.
     """
 
-    inner: Guidance
+    inner: TwoPassGuidance
     sigma_lo: float
     sigma_hi: float
 
     def __post_init__(self) -> None:
         self._check_inner()
-        self.sigma_lo = check_number("sigma_lo", self.sigma_lo, low=0.0)
+        set_field(self, "sigma_lo", check_number("sigma_lo", self.sigma_lo, low=0.0))
         if self.sigma_hi != float("inf"):
-            self.sigma_hi = check_number("sigma_hi", self.sigma_hi, low=0.0)
+            set_field(self, "sigma_hi", check_number("sigma_hi", self.sigma_hi, low=0.0))
         if self.sigma_lo >= self.sigma_hi:
             raise ValueError(f"sigma_lo={self.sigma_lo!r}, sigma_hi={self.sigma_hi!r} are not accepted; "
                              "expected 0 <= sigma_lo < sigma_hi")
@@ -42,6 +44,7 @@ class Interval(GuidanceWrapper):
         """Whether guidance applies at a step that starts at ``sigma``."""
         return self.sigma_lo < sigma <= self.sigma_hi
 
-    def needs_unconditional(self, ctx: GuidanceContext, scale: float | None = None) -> torch.Tensor:
-        inside = self.inner.needs_unconditional(ctx, scale)
+    def needs_unconditional(self, ctx: GuidanceContext, state: Any = None, scale: float | None = None
+                            ) -> torch.Tensor:
+        inside = self.inner.needs_unconditional(ctx, state, scale)
         return inside if self.contains(ctx.step_sigma) else torch.zeros_like(inside)

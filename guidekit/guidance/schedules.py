@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from guidekit.guidance.base import Guidance, GuidanceContext, GuidanceWrapper, check_number
+from guidekit.guidance.base import UNCOND, GuidanceContext, GuidanceWrapper, Pass, TwoPassGuidance, set_field
+from guidekit.validation import check_number
 
 
 def _linear(tau: float, w: float) -> float:
@@ -77,7 +79,7 @@ def schedule_weight(schedule: str, tau: float, w: float, **params: float) -> flo
     return 1.0 + fn(tau, w - 1.0, **params)
 
 
-@dataclass(eq=True)
+@dataclass(frozen=True, init=False)
 class Scheduled(GuidanceWrapper):
     """Run ``inner`` with its weight replaced, at each step, by ``schedule_weight(schedule, tau, inner.scale)``.
 
@@ -85,17 +87,16 @@ class Scheduled(GuidanceWrapper):
         inner: a guidance with a ``scale`` (CFG, APG, CFG-Zero*, or a wrapper of one).
         schedule: one of ``SCHEDULES``.
         params: the schedule's parameters (``c`` for ``clamp_linear``, the floor of the Ho & Salimans
-            weight; ``s`` for ``pcs``, the exponent).
+            weight; ``s`` for ``pcs``, the exponent), kept as sorted ``(name, value)`` pairs.
     """
 
-    uses_unconditional = True  # a schedule moves the weight away from 1 even when ``inner.scale`` is 1
-
-    inner: Guidance
+    inner: TwoPassGuidance
     schedule: str
-    params: dict[str, float] = field(default_factory=dict)
+    params: tuple[tuple[str, float], ...]
 
-    def __init__(self, inner: Guidance, schedule: str, **params: float) -> None:
-        self.inner, self.schedule, self.params = inner, schedule, dict(params)
+    def __init__(self, inner: TwoPassGuidance, schedule: str, **params: float) -> None:
+        set_field(self, "inner", inner)
+        set_field(self, "schedule", schedule)
         self._check_inner()
         if not hasattr(inner, "scale"):
             raise TypeError(f"inner={inner!r} is not accepted; expected a guidance with a scale")
@@ -105,16 +106,20 @@ class Scheduled(GuidanceWrapper):
         if set(params) != set(expected):
             raise ValueError(f"schedule {schedule!r} takes parameters ({', '.join(expected) or 'none'}); "
                              f"got {', '.join(params) or 'none'}")
-        for name, value in params.items():
-            self.params[name] = check_number(name, value, low=0.0)
+        set_field(self, "params", tuple(sorted((name, check_number(name, value, low=0.0))
+                                               for name, value in params.items())))
+
+    def passes(self) -> frozenset[Pass]:
+        return frozenset({UNCOND})  # a schedule moves the weight away from 1 even when ``inner.scale`` is 1
 
     def weight(self, tau: float) -> float:
         """The scheduled weight at normalised time ``tau``."""
-        return schedule_weight(self.schedule, tau, self.inner.scale, **self.params)  # type: ignore[attr-defined]
+        return schedule_weight(self.schedule, tau, self.inner.scale, **dict(self.params))  # type: ignore[attr-defined]
 
-    def needs_unconditional(self, ctx: GuidanceContext, scale: float | None = None) -> torch.Tensor:
-        return self.inner.needs_unconditional(ctx, self.weight(ctx.tau))
+    def needs_unconditional(self, ctx: GuidanceContext, state: Any = None, scale: float | None = None
+                            ) -> torch.Tensor:
+        return self.inner.needs_unconditional(ctx, state, self.weight(ctx.tau))
 
-    def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext,
+    def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext, state: Any = None,
                 scale: float | None = None) -> torch.Tensor:
-        return self.inner.combine(cond, uncond, ctx, self.weight(ctx.tau))
+        return self.inner.combine(cond, uncond, ctx, state, self.weight(ctx.tau))

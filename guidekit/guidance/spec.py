@@ -4,8 +4,9 @@
 ``Interval(APG(2.0, eta=0.0), 0.28, 5.42)``, and :func:`format_guidance` writes any guidance back
 in the same form, so ``parse_guidance(format_guidance(g)) == g``. Names are case-insensitive and
 underscores are optional (``cfg_zero_star``, ``CFGZeroStar``); arguments are numbers, strings,
-``true``/``false``, ``inf`` or nested guidance calls. The text is parsed with :mod:`ast`; nothing in
-it is evaluated.
+``true``/``false``, ``inf``, lists, dicts, nested guidance calls, or a LinearAG fit
+(``linear_ag(cfg(scale=5), fit=linear_ag_fit(modes=['cfg', 'linear'], coefficients={1: [0.4, 0.5, 0.1]}))``,
+or ``fit='path/to/fit.json'``). The text is parsed with :mod:`ast`; nothing in it is evaluated.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from guidekit.guidance.cfg import CFG
 from guidekit.guidance.cfg_zero import CFGZeroStar
 from guidekit.guidance.cfgpp import CFGPP
 from guidekit.guidance.interval import Interval
+from guidekit.guidance.linear_ag import LinearAG, LinearAGFit
 from guidekit.guidance.pcg import PCG
 from guidekit.guidance.schedules import Scheduled
 
@@ -34,15 +36,18 @@ NAMES: dict[type[Guidance], str] = {
     CFGZeroStar: "cfg_zero_star",
     PCG: "pcg",
     CFGPP: "cfgpp",
+    LinearAG: "linear_ag",
 }
-_ALIASES = {"ag": AdaptiveGuidance, "adaptiveguidance": AdaptiveGuidance}
+#: Values that are not guidance methods but appear as arguments of one.
+VALUES: dict[type, str] = {LinearAGFit: "linear_ag_fit"}
+_ALIASES = {"ag": AdaptiveGuidance, "adaptiveguidance": AdaptiveGuidance, "linearag": LinearAG}
 
 
 def _key(name: str) -> str:
     return name.lower().replace("_", "").replace("-", "")
 
 
-_BY_KEY: dict[str, type[Guidance]] = {_key(n): c for c, n in NAMES.items()} | _ALIASES
+_BY_KEY: dict[str, type] = {_key(n): c for c, n in (NAMES | VALUES).items()} | _ALIASES
 
 
 class GuidanceSyntaxError(ValueError):
@@ -62,6 +67,10 @@ def _value(node: ast.expr, text: str) -> object:
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str)) \
             and not isinstance(node.value, bool):
         return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_value(e, text) for e in node.elts]
+    if isinstance(node, ast.Dict) and all(k is not None for k in node.keys):
+        return {_value(k, text): _value(v, text) for k, v in zip(node.keys, node.values, strict=True)}
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         inner = _value(node.operand, text)
         if isinstance(inner, (int, float)):
@@ -73,7 +82,7 @@ def _value(node: ast.expr, text: str) -> object:
     raise _fail(text, f"unsupported argument {ast.unparse(node)!r}")
 
 
-def _call(node: ast.Call, text: str) -> Guidance:
+def _call(node: ast.Call, text: str) -> object:
     if not isinstance(node.func, ast.Name):
         raise _fail(text, f"{ast.unparse(node.func)!r} is not a method name")
     cls = _BY_KEY.get(_key(node.func.id))
@@ -88,7 +97,7 @@ def _call(node: ast.Call, text: str) -> Guidance:
     try:
         return cls(*args, **kwargs)
     except TypeError as exc:
-        raise _fail(text, f"bad arguments for {NAMES[cls]}: {exc}") from None
+        raise _fail(text, f"bad arguments for {(NAMES | VALUES)[cls]}: {exc}") from None
 
 
 def parse_guidance(text: str) -> Guidance:
@@ -101,15 +110,29 @@ def parse_guidance(text: str) -> Guidance:
         raise _fail(text, exc.msg) from None
     if not isinstance(tree.body, ast.Call):
         raise _fail(text, "it is not a call")
-    return _call(tree.body, text)
+    guidance = _call(tree.body, text)
+    if not isinstance(guidance, Guidance):
+        raise _fail(text, f"{tree.body.func.id!r} is not a guidance method")  # type: ignore[attr-defined]
+    return guidance
 
 
 def _format_value(value: object) -> str:
     if isinstance(value, Guidance):
         return format_guidance(value)
+    if type(value) in VALUES:
+        return _format_call(VALUES[type(value)], value)
     if isinstance(value, float) and math.isinf(value):
         return "inf" if value > 0 else "-inf"
+    if isinstance(value, (list, tuple)):
+        return f"[{', '.join(_format_value(v) for v in value)}]"
+    if isinstance(value, dict):
+        return f"{{{', '.join(f'{_format_value(k)}: {_format_value(v)}' for k, v in value.items())}}}"
     return repr(value)
+
+
+def _format_call(name: str, value: object) -> str:
+    parts = [f"{f.name}={_format_value(getattr(value, f.name))}" for f in dataclasses.fields(value) if f.init]
+    return f"{name}({', '.join(parts)})"
 
 
 def format_guidance(guidance: Guidance) -> str:
@@ -119,8 +142,6 @@ def format_guidance(guidance: Guidance) -> str:
         raise TypeError(f"guidance={guidance!r} has no text form; expected one of {', '.join(NAMES.values())}")
     if isinstance(guidance, Scheduled):
         parts = [format_guidance(guidance.inner), repr(guidance.schedule)]
-        parts += [f"{k}={_format_value(v)}" for k, v in guidance.params.items()]
-    else:
-        parts = [f"{f.name}={_format_value(getattr(guidance, f.name))}"
-                 for f in dataclasses.fields(guidance) if f.init]
-    return f"{name}({', '.join(parts)})"
+        parts += [f"{k}={_format_value(v)}" for k, v in guidance.params]
+        return f"{name}({', '.join(parts)})"
+    return _format_call(name, guidance)

@@ -22,8 +22,8 @@ from diffusers import DDPMScheduler
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
-from guidekit.guidance.base import check_int, check_number
 from guidekit.parameterization import NoiseLevel
+from guidekit.validation import check_int, check_number
 
 _PREDICTION_SPACES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
@@ -59,7 +59,7 @@ class VPSampler(SchedulerMixin, ConfigMixin):
 
     Subclasses plan their calls in :meth:`plan` and advance the latents in :meth:`advance`; this class turns
     the plan into ``timesteps``, converts between VP and EDM variables, and answers the bridge's
-    ``guidekit_call``.
+    ``denoiser_call`` (:class:`~guidekit.samplers.protocols.ReportsCalls`).
     """
 
     order = 1
@@ -140,7 +140,7 @@ class VPSampler(SchedulerMixin, ConfigMixin):
         """The latents are already the model's input (VP space)."""
         return sample
 
-    def guidekit_call(self, timestep: float | torch.Tensor) -> tuple[NoiseLevel, bool, float]:
+    def denoiser_call(self, timestep: float | torch.Tensor) -> tuple[NoiseLevel, bool, float]:
         """The noise level, corrector flag and normalised time of the denoiser call about to be made."""
         call = self.calls[self._call]
         return NoiseLevel.from_sigma(call.sigma), call.corrector, float(self.timesteps[self._call]) / len(

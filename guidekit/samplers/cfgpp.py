@@ -11,9 +11,9 @@ With ``D`` the guided prediction at weight ``lam`` and ``U`` the unconditional o
 With ``lam = 0`` (``D = U``) both are the plain solver on the unconditional model; tested against diffusers'
 Euler and DPM-Solver++(2M). Noise levels are Karras's between the training schedule's extremes.
 
-The unconditional prediction reaches the scheduler through the bridge (``guidekit_unconditional``), once per
-call, before ``step``. Without it (the scheduler used without ``set_guidance(CFGPP(...))``), ``U = D`` and the
-steps are plain Euler and DPM-Solver++(2M).
+The unconditional prediction reaches the scheduler through the bridge
+(:class:`~guidekit.samplers.protocols.TakesUnconditional`), once per call, before ``step``. Without it (the
+scheduler used without ``set_guidance(CFGPP(...))``), ``U = D`` and the steps are plain Euler and DPM-Solver++(2M).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class CFGPPScheduler(VPSampler):
         self._unconditional = None
         self._previous_unconditional = None
 
-    def guidekit_unconditional(self, prediction: torch.Tensor) -> None:
+    def receive_unconditional(self, prediction: torch.Tensor) -> None:
         """Receive the unconditional prediction (model space) of the call about to be stepped."""
         self._unconditional = prediction
 

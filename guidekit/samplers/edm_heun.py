@@ -26,8 +26,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from guidekit.guidance.base import check_number
 from guidekit.samplers.base import SamplerCall, VPSampler
+from guidekit.validation import check_number
 
 
 class EDMHeunScheduler(VPSampler):

@@ -79,7 +79,8 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEuler
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
-from guidekit.guidance.base import check_number, per_sample_dot, per_sample_norm
+from guidekit.guidance.base import per_sample_dot, per_sample_norm
+from guidekit.validation import check_number
 
 __all__ = ["DDIMLMScheduler", "DPMSolverMultistepLMScheduler", "FlowMatchEulerLMScheduler", "lml_correction"]
 

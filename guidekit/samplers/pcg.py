@@ -32,8 +32,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from guidekit.guidance.base import check_int, check_number
 from guidekit.samplers.base import SamplerCall, VPSampler, first_timestep
+from guidekit.validation import check_int, check_number
 
 
 class PCGScheduler(VPSampler):

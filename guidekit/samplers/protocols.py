@@ -1,0 +1,31 @@
+"""How guidekit's samplers talk to the guidance bridge: typed protocols, checked with ``isinstance``.
+
+A scheduler that plans its own denoiser calls (several per solver step, at levels of its own) reports each call
+through :class:`ReportsCalls`; one whose step needs the unconditional prediction as well as the guided one (CFG++
+renoises with it) receives it through :class:`TakesUnconditional`. The guidance half of such a sampler builds it
+through :class:`guidekit.guidance.base.BringsSampler`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from guidekit.parameterization import NoiseLevel
+
+
+@runtime_checkable
+class ReportsCalls(Protocol):
+    """A scheduler that says where each denoiser call of its plan stands."""
+
+    def denoiser_call(self, timestep: float | torch.Tensor) -> tuple[NoiseLevel, bool, float]:
+        """The noise level, corrector flag and normalised time ``t / T`` of the denoiser call about to be made."""
+
+
+@runtime_checkable
+class TakesUnconditional(Protocol):
+    """A scheduler whose step also uses the unconditional prediction of the call it steps."""
+
+    def receive_unconditional(self, prediction: torch.Tensor) -> None:
+        """Receive the unconditional prediction (model space, every sample) of the call about to be stepped."""
