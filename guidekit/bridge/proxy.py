@@ -8,8 +8,8 @@ them, and hands the pipeline ``[g; g]``. The pipeline's own CFG, ``u + s (c - u)
 whatever its ``guidance_scale``.
 
 Every forward is handed to the wrapped denoiser with the batch dimension of its tensors marked dynamic for
-``torch.compile`` (see :func:`mark_batch_dynamic`), so a compiled denoiser does not recompile when the number
-of rows changes.
+``torch.compile`` and size-oblivious (see :func:`mark_batch_dynamic`), so a compiled denoiser makes one graph
+for every number of rows, 1 included, and does not recompile when the number changes.
 """
 
 from __future__ import annotations
@@ -73,12 +73,13 @@ class GuidanceStats:
 def mark_batch_dynamic(value: Any, n: int) -> None:
     """Mark dimension 0 of every tensor in ``value`` with ``n`` rows as dynamic for ``torch.compile``.
 
-    The mark is unbacked (:func:`torch._dynamo.decorators.mark_unbacked`), so a compiled denoiser makes one graph
-    for every row count, 1 included, instead of recompiling at the first call whose count differs.
+    The mark (:func:`torch._dynamo.maybe_mark_dynamic`) is a hint, not a constraint: a denoiser that needs a
+    static batch still compiles. Compiled inside :func:`_size_oblivious`, the graph does not specialise on a
+    batch of 1 either.
     """
     if isinstance(value, torch.Tensor):
         if value.ndim and value.shape[0] == n:
-            torch._dynamo.decorators.mark_unbacked(value, 0)
+            torch._dynamo.maybe_mark_dynamic(value, 0)
     elif isinstance(value, dict):
         for v in value.values():
             mark_batch_dynamic(v, n)
@@ -98,6 +99,11 @@ def _take(value: Any, index: slice | torch.Tensor, n: int) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_take(v, index, n) for v in value)
     return value
+
+
+def _size_oblivious() -> Any:
+    """A context in which torch.compile treats dynamic sizes as size-oblivious (no specialisation on 0 or 1)."""
+    return torch.fx.experimental._config.patch(backed_size_oblivious=True)
 
 
 def _sample_and_timestep(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
@@ -258,7 +264,8 @@ class GuidedDenoiser:
         self.stats.model_calls += 1
         sample, _ = _sample_and_timestep(args, kwargs)
         mark_batch_dynamic((args, kwargs), sample.shape[0])
-        return self.forward(*args, **kwargs)
+        with _size_oblivious():
+            return self.forward(*args, **kwargs)
 
     def _count(self, guided: torch.Tensor, n_guided: int) -> None:
         s = self.stats
