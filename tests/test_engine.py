@@ -179,6 +179,7 @@ def test_compiled_denoiser_does_not_recompile_when_rows_change() -> None:
         with guidekit.guided(pipe, g):
             eager[(g, b)] = final_latents(pipe, "sd", batch_size=b, guidance_scale=5.0, steps=4)
     pipe.unet = torch.compile(pipe.unet, backend="eager")
+    counters.clear()
     try:
         rows, graphs = set(), []
         for g, b in runs:
@@ -199,6 +200,7 @@ def test_compiled_denoiser_recompiles_without_the_marks() -> None:
     torch._dynamo.reset()
     pipe = build_tiny_pipeline("sd")
     unet = torch.compile(pipe.unet, backend="eager")
+    counters.clear()
     try:
         for n in (4, 2):
             width = pipe.unet.config.cross_attention_dim
