@@ -14,6 +14,7 @@ for every number of rows, 1 included, and does not recompile when the number cha
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -102,8 +103,12 @@ def _take(value: Any, index: slice | torch.Tensor, n: int) -> Any:
 
 
 def _size_oblivious() -> Any:
-    """A context in which torch.compile treats dynamic sizes as size-oblivious (no specialisation on 0 or 1)."""
-    return torch.fx.experimental._config.patch(backed_size_oblivious=True)
+    """A context in which torch.compile treats dynamic sizes as size-oblivious (no specialisation on 0 or 1); a
+    no-op on a torch without the setting."""
+    config = torch.fx.experimental._config
+    if not hasattr(config, "backed_size_oblivious"):
+        return contextlib.nullcontext()
+    return config.patch(backed_size_oblivious=True)
 
 
 def _sample_and_timestep(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
