@@ -12,7 +12,7 @@ CPU dry run (seconds; every code path on the tiny SDXL pipeline, dynamo with the
 
 What runs: ``pipe.unet = torch.compile(pipe.unet)`` (``--backend``, default inductor; ``--mode``; ``--dynamic``),
 then, for each ``--batch`` size, these calls of the pipeline, each made twice (first call, warm call):
-native CFG (no ``set_guidance``); ``CFG(w)``; ``Interval(CFG(w), sigma_lo=0.28, sigma_hi=5.42)``;
+native CFG (no ``set_guidance``; left out with ``--guided-first``); ``CFG(w)``; ``Interval(CFG(w), sigma_lo=0.28, sigma_hi=5.42)``;
 ``AdaptiveGuidance(CFG(w), threshold=0.991)``; ``AdaptiveGuidance(CFG(w), threshold=1e-6)`` (switches every
 sample whose two predictions have a positive cosine, so the UNet batch falls from 2B to B within the call
 even where 0.991 is never reached on random weights); native CFG again after ``set_guidance(None)``.
@@ -330,9 +330,9 @@ def first_lines(texts: list[str] | dict[str, int], limit: int) -> list[str]:
 STATS_FIELDS = ("model_calls", "cond_rows", "uncond_rows", "uncond_rows_skipped")
 
 
-def methods(w: float) -> list[tuple[str, Any]]:
+def methods(w: float, guided_first: bool) -> list[tuple[str, Any]]:
     """(label, guidance) in the order they run; ``None`` is the pipeline's native CFG."""
-    first = [] if os.environ.get("GUIDED_FIRST") else [("native CFG", None)]
+    first = [] if guided_first else [("native CFG", None)]
     return [
         *first,
         (f"CFG({w:g})", guidekit.CFG(w)),
@@ -363,6 +363,8 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=5.0, help="guidance weight w, also the pipeline's scale")
     parser.add_argument("--batch", default="1", help="comma-separated batch sizes, run in this order")
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the UNet's)")
+    parser.add_argument("--guided-first", action="store_true",
+                        help="leave out the first native CFG call, so the first compile is a guided call's")
     parser.add_argument("--tiny", action="store_true", help="the tiny SDXL pipeline instead of SDXL's sizes")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="skip calls that would start later than this many seconds after the start")
@@ -445,7 +447,7 @@ def main() -> None:
     compiled: dict[tuple[int, str], torch.Tensor] = {}
     for batch in batches:
         conditioning = embeddings(unet.config, batch, args.device, dtype)
-        for label, guidance in methods(args.scale):
+        for label, guidance in methods(args.scale, args.guided_first):
             for attempt in ("first", "warm"):
                 case: dict[str, Any] = {"batch": batch, "method": label, "call": attempt}
                 if clock.elapsed() > args.budget_s:
@@ -477,7 +479,7 @@ def main() -> None:
     result["eager_check"] = []
     for batch in batches:
         conditioning = embeddings(unet.config, batch, args.device, dtype)
-        for label, guidance in methods(args.scale):
+        for label, guidance in methods(args.scale, args.guided_first):
             if (batch, label) not in compiled or clock.elapsed() > args.budget_s + 60:
                 continue
             pipe.set_guidance(guidance)
