@@ -32,6 +32,7 @@ from guidekit.bridge.proxy import GuidanceStats, GuidedDenoiser
 from guidekit.bridge.schedulers import _is_flow, check_scheduler
 from guidekit.guidance.base import UNCOND, BringsSampler, Guidance
 from guidekit.guidance.spec import parse_guidance
+from guidekit.samplers.protocols import ReportsCalls
 
 _GUIDED_CLASSES: dict[type, type] = {}
 _GUIDED_CLASSES_LOCK = threading.Lock()
@@ -124,6 +125,12 @@ def _check_call(pipe: DiffusionPipeline, family: Family, guidance: Guidance,
                 arguments: dict[str, Any]) -> bool:
     """Validate a guided call; return whether the pipeline will batch unconditional rows."""
     check_scheduler(pipe.scheduler)
+    start = arguments.get("denoising_start")
+    if start is not None and isinstance(pipe.scheduler, ReportsCalls) and pipe.scheduler.order == 2:
+        # diffusers' SDXL get_timesteps takes an order-2 scheduler for Heun and starts it one call early
+        raise ValueError(f"denoising_start={start!r} is not accepted with guidance {guidance!r}, whose sampler "
+                         "makes two calls per step; expected None, or a sampler with another order (PCG with "
+                         "corrector_steps != 1)")
     scale = arguments.get(family.scale_arg)
     batched = scale is not None and scale > 1
     if guidance.uses_unconditional and not batched:

@@ -9,6 +9,10 @@ variables of REFERENCE section 0, ``x = x_t / alpha`` at ``sigma = s / alpha``, 
 
 The timestep handed to the model for a noise level ``sigma`` is diffusers' ``_sigma_to_t``: linear
 interpolation of ``log sigma`` over the training table, clamped to its range.
+
+img2img and inpaint pipelines start the plan mid-way: they slice ``timesteps[t_start * order:]``, call
+``set_begin_index(t_start * order)`` and noise the image to the first remaining call's level with ``add_noise``
+(inpaint also re-noises the kept region to the level of every following call).
 """
 
 from __future__ import annotations
@@ -57,9 +61,10 @@ class SamplerCall:
 class VPSampler(SchedulerMixin, ConfigMixin):
     """Base of guidekit's samplers on a discrete VP schedule (SD, SDXL, DiT, PixArt, the testbed).
 
-    Subclasses plan their calls in :meth:`plan` and advance the latents in :meth:`advance`; this class turns
-    the plan into ``timesteps``, converts between VP and EDM variables, and answers the bridge's
-    ``denoiser_call`` (:class:`~guidekit.samplers.protocols.ReportsCalls`).
+    Subclasses plan their calls in ``set_timesteps`` and advance the latents by one call in ``step``; this class
+    turns the plan into ``timesteps``, converts between VP and EDM variables, starts the plan mid-way for img2img
+    and inpaint pipelines (``set_begin_index``, ``add_noise``), and answers the bridge's ``denoiser_call``
+    (:class:`~guidekit.samplers.protocols.ReportsCalls`).
     """
 
     order = 1
@@ -85,6 +90,8 @@ class VPSampler(SchedulerMixin, ConfigMixin):
         self.timesteps = torch.zeros(0)
         self.num_inference_steps: int | None = None
         self._call = 0
+        self._begin_index: int | None = None
+        self._planned_timesteps: list[float] = []
 
     def first_sigma(self, n: int) -> float:
         """The training noise level where DDIM with the configured ``timestep_spacing`` starts ``n`` steps."""
@@ -121,6 +128,27 @@ class VPSampler(SchedulerMixin, ConfigMixin):
         low = high - 1
         return low + (log_sigma - table[low]) / (table[high] - table[low])
 
+    def t_to_sigma(self, t: float) -> float:
+        """The EDM noise level of (fractional) training timestep ``t``: the inverse of :meth:`sigma_to_t`,
+        ``log sigma`` interpolated linearly over the training table, ``t`` clamped to ``[0, T - 1]``."""
+        table = self._log_sigmas
+        t = min(max(t, 0.0), len(table) - 1.0)
+        low = min(int(t), len(table) - 2)
+        w = t - low
+        return math.exp((1 - w) * table[low] + w * table[low + 1])
+
+    def timestep_sigma(self, timestep: float) -> float:
+        """The EDM noise level that ``timestep`` stands for: the level of the call about to be made if the plan has
+        it there, else of the first planned call at ``timestep``, else :meth:`t_to_sigma`. A planned timestep is
+        the float32 ``sigma_to_t`` of its call's level, so its call gives the level exactly (and tells apart calls
+        whose levels the clamp of ``sigma_to_t`` maps to the same timestep)."""
+        planned = self._planned_timesteps
+        if self._call < len(planned) and planned[self._call] == timestep:
+            return self.calls[self._call].sigma
+        if timestep in planned:
+            return self.calls[planned.index(timestep)].sigma
+        return self.t_to_sigma(timestep)
+
     def _check_steps(self, num_inference_steps: int) -> None:
         check_int("num_inference_steps", num_inference_steps, low=1)
 
@@ -128,13 +156,51 @@ class VPSampler(SchedulerMixin, ConfigMixin):
                      ) -> None:
         self.calls = calls
         self.num_inference_steps = num_inference_steps
-        self.timesteps = torch.tensor([self.sigma_to_t(c.sigma) for c in calls], dtype=torch.float32, device=device)
+        timesteps = torch.tensor([self.sigma_to_t(c.sigma) for c in calls], dtype=torch.float32)
+        self._planned_timesteps = timesteps.tolist()
+        self.timesteps = timesteps.to(device)
         self._call = 0
+        self._begin_index = None
 
     @property
     def step_index(self) -> int:
-        """The number of ``step`` calls made since ``set_timesteps``."""
+        """The index in the plan (and in ``timesteps``) of the denoiser call about to be made."""
         return self._call
+
+    @property
+    def begin_index(self) -> int | None:
+        """The call the pipeline started the plan at (``set_begin_index``), or ``None`` since ``set_timesteps``."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Make call ``begin_index`` of the plan the next one. diffusers' img2img and inpaint pipelines pass
+        ``t_start * order`` (the first call of solver step ``t_start``); SDXL's with ``denoising_start`` pass the
+        first call whose timestep is below the cut (one call earlier for a scheduler of order 2)."""
+        check_int("begin_index", begin_index, low=0, high=max(len(self.calls) - 1, 0))
+        self._start_at(begin_index)
+        self._begin_index = begin_index
+        self._call = begin_index
+
+    def _start_at(self, call: int) -> None:
+        """Put the solver's own state where a plan that starts at ``call`` needs it. This default starts only at
+        the first call; samplers that can start later override it."""
+        if call:
+            raise ValueError(f"begin_index={call!r} is not accepted by {type(self).__name__}; expected 0 (it "
+                             "starts only at its first call: use strength=1 in img2img and inpaint pipelines)")
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | float
+                  ) -> torch.Tensor:
+        """``original_samples`` noised to the level of ``timesteps`` (one per sample, or one for all) in the
+        model's VP input space: ``alpha x0 + s eps`` with ``alpha = 1 / sqrt(1 + sigma^2)``, ``s = sigma alpha``
+        (DDPM's ``q(x_t | x0)``, Ho et al. 2020 eq. 4), ``sigma`` from :meth:`timestep_sigma`. At an integer
+        training timestep off the plan this is ``DDPMScheduler.add_noise``; at a planned one, the latents that
+        call expects."""
+        sigmas = [self.timestep_sigma(t) for t in torch.as_tensor(timesteps).flatten().tolist()]
+        alpha = torch.tensor([1 / math.hypot(1.0, s) for s in sigmas], dtype=torch.float64)
+        scale = alpha * torch.tensor(sigmas, dtype=torch.float64)
+        shape = (-1,) + (1,) * (original_samples.ndim - 1)
+        alpha, scale = (v.to(original_samples.device, original_samples.dtype).reshape(shape) for v in (alpha, scale))
+        return alpha * original_samples + scale * noise
 
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
         """The latents are already the model's input (VP space)."""
@@ -143,7 +209,7 @@ class VPSampler(SchedulerMixin, ConfigMixin):
     def denoiser_call(self, timestep: float | torch.Tensor) -> tuple[NoiseLevel, bool, float]:
         """The noise level, corrector flag and normalised time of the denoiser call about to be made."""
         call = self.calls[self._call]
-        return NoiseLevel.from_sigma(call.sigma), call.corrector, float(self.timesteps[self._call]) / len(
+        return NoiseLevel.from_sigma(call.sigma), call.corrector, self._planned_timesteps[self._call] / len(
             self.train_sigmas)
 
     def denoised(self, model_output: torch.Tensor, sample: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -61,6 +61,11 @@ class CFGPPScheduler(VPSampler):
         self._check_steps(num_inference_steps)
         self.sigmas = self.karras_levels(num_inference_steps)
         self._finish_plan([SamplerCall(s, False) for s in self.sigmas[:-1]], num_inference_steps, device)
+        self._start_at(0)
+
+    def _start_at(self, call: int) -> None:
+        """Forget the unconditional predictions of earlier calls: DPM-Solver++(2M)'s first step from ``call`` is
+        first order, as diffusers' multistep solvers' first step after ``set_begin_index`` is."""
         self._unconditional = None
         self._previous_unconditional = None
 

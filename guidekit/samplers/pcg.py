@@ -18,6 +18,9 @@ estimate. ``"leading"``'s own levels end at timestep ``steps_offset``, far below
 there injects noise of about the level before, ``sqrt(2 eps)``, which the last step cannot remove (the embedded
 default model gave noise).
 
+In img2img and inpaint pipelines, ``order`` (calls per step) makes diffusers' ``strength`` slice of ``timesteps``
+start at a predictor call, and ``set_begin_index`` starts the plan there (:class:`~guidekit.samplers.base.VPSampler`).
+
 The scheduler only moves the latents; which branch the model evaluates is the guidance's business:
 attach :class:`guidekit.PCG` with ``pipe.set_guidance``, which installs this scheduler and makes predictor
 calls conditional-only and corrector calls guided at ``gamma``.
@@ -57,8 +60,15 @@ class PCGScheduler(VPSampler):
         check_int("corrector_steps", corrector_steps, low=0)
         check_number("step_scale", step_scale, low=0.0, low_open=True)
         self.sigmas: list[float] = []
-        self._step = 0
-        self._corrections = 0
+        self.call_steps: list[int] = []
+
+    @property
+    def order(self) -> int:
+        """Denoiser calls per solver step: the predictor and ``corrector_steps`` correctors (the last step has the
+        predictor only). diffusers' img2img and inpaint pipelines slice ``timesteps[t_start * order:]``, which then
+        starts at the predictor call of step ``t_start``, and the remaining calls are the plan of the remaining
+        steps."""
+        return 1 + self.config.corrector_steps
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Plan one predictor call per step and ``corrector_steps`` corrector calls after each step that does not
@@ -68,35 +78,32 @@ class PCGScheduler(VPSampler):
         top = first_timestep(n, T, self.config.timestep_spacing, self.config.steps_offset) + 1
         steps = [round(top - i * top / n) - 1 for i in range(n)]  # "trailing" spacing below DDIM's first timestep
         self.sigmas = [float(self.train_sigmas[t]) for t in steps] + [0.0]
-        calls = []
+        calls, self.call_steps = [], []
         for i in range(n):
-            calls.append(SamplerCall(self.sigmas[i], False))
-            if self.sigmas[i + 1] > 0:
-                calls += [SamplerCall(self.sigmas[i + 1], True)] * self.config.corrector_steps
+            correctors = self.config.corrector_steps if self.sigmas[i + 1] > 0 else 0
+            calls += [SamplerCall(self.sigmas[i], False)] + [SamplerCall(self.sigmas[i + 1], True)] * correctors
+            self.call_steps += [i] * (1 + correctors)
         self._finish_plan(calls, n, device)
-        self._step = 0
-        self._corrections = 0
+
+    def _start_at(self, call: int) -> None:
+        """PCG's state is the index of the next call alone (``call_steps`` gives its solver step), so the plan
+        starts at any call: at a predictor under ``strength``, and also at a corrector (SDXL's ``denoising_start``
+        cutting a step after its predictor)."""
 
     def step(self, model_output: torch.Tensor, timestep: float | torch.Tensor, sample: torch.Tensor,
              generator: torch.Generator | None = None, return_dict: bool = True) -> SchedulerOutput | tuple:
-        """Advance by one call: the conditional DDIM predictor, or one Langevin corrector step."""
+        """Advance by one call: the conditional DDIM predictor of step ``i``, or one of its Langevin correctors."""
         call = self.calls[self._call]
         dtype = sample.dtype
         model_output, sample = self.upcast(model_output, sample)
-        i, sigma = self._step, call.sigma
+        i, sigma = self.call_steps[self._call], call.sigma
         x = self.to_edm(sample, sigma)
         denoised = self.denoised(model_output, sample, sigma)
         if not call.corrector:
             sigma_next = self.sigmas[i + 1]
             x = denoised + sigma_next / sigma * (x - denoised)
-            if sigma_next == 0 or self.config.corrector_steps == 0:
-                self._step += 1
             return self._output(self.from_edm(x, sigma_next), dtype, return_dict)
         eps = self.config.step_scale * (self.sigmas[i] ** 2 - sigma**2) / 2
         noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = x + eps * (denoised - x) / sigma**2 + math.sqrt(2 * eps) * noise
-        self._corrections += 1
-        if self._corrections == self.config.corrector_steps:
-            self._corrections = 0
-            self._step += 1
         return self._output(self.from_edm(x, sigma), dtype, return_dict)
