@@ -175,7 +175,7 @@ class GuidedDenoiser:
                               corrector=state.corrector, rows=self._rows, batch_size=b)
         if not self.batched:
             return ctx, torch.zeros(b, dtype=torch.bool)
-        return ctx, self.guidance.needs(ctx, self.state)[UNCOND]
+        return ctx, self.guidance.needs(ctx, self.state).get(UNCOND, torch.zeros(b, dtype=torch.bool))
 
     def _combine(self, ctx: GuidanceContext, cond: torch.Tensor, uncond: torch.Tensor, guided: torch.Tensor,
                  n_guided: int) -> torch.Tensor:
