@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 
-from guidekit.bridge.install import brings_sampler
 from guidekit.bridge.loading import load_pipeline
-from guidekit.bridge.sampling import call_kwargs, sample_guided
+from guidekit.bridge.sampling import SampleSettings, sample_guided
 from guidekit.bridge.schedulers import SCHEDULER_NAMES
 from guidekit.guidance.spec import format_guidance, parse_guidance
 
@@ -123,25 +122,23 @@ def sample(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``guidekit sample``; return the summary it prints."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     guidance = parse_guidance(args.guidance)
-    if args.scheduler and brings_sampler(guidance):
-        raise ValueError(f"--scheduler {args.scheduler} is not accepted with guidance {format_guidance(guidance)}, "
-                         "which installs its own sampler; leave --scheduler out")
+    settings = SampleSettings(guidance=guidance, scheduler=args.scheduler, steps=args.steps,
+                              seeds=range(args.seed, args.seed + args.num_images), prompt=args.prompt,
+                              negative_prompt=args.negative_prompt, class_label=args.class_label, height=args.height,
+                              width=args.width)
     pipe, defaults = load_pipeline(args.model, dtype=_DTYPES[args.dtype])
     pipe = pipe.to(device)
-    kwargs = call_kwargs(pipe, defaults, args.num_images, prompt=args.prompt, negative_prompt=args.negative_prompt,
-                         class_label=args.class_label, height=args.height, width=args.width)
-    run = sample_guided(pipe, guidance, kwargs, steps=args.steps, seed=args.seed, num_images=args.num_images,
-                        scheduler=args.scheduler)
+    run = sample_guided(pipe, settings, defaults=defaults)
     args.out.mkdir(parents=True, exist_ok=True)
     files = []
-    for i, image in enumerate(run.images):
-        path = args.out / f"seed{args.seed + i:06d}.png"
+    for seed, image in zip(settings.seeds, run.images, strict=True):
+        path = args.out / f"seed{seed:06d}.png"
         image.save(path)
         files.append(str(path))
     stats = run.stats
     return {
         "model": args.model, "pipeline": type(pipe).__name__, "scheduler": run.scheduler,
-        "guidance": format_guidance(guidance), "steps": args.steps, "seeds": [args.seed, args.seed + len(files) - 1],
+        "guidance": format_guidance(guidance), "steps": args.steps, "seeds": [settings.seeds[0], settings.seeds[-1]],
         "device": device, "seconds": round(run.seconds, 3), "model_calls": stats.model_calls,
         "cond_rows": stats.cond_rows, "uncond_rows": stats.uncond_rows,
         "uncond_rows_skipped": stats.uncond_rows_skipped, "files": files,

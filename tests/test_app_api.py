@@ -59,6 +59,7 @@ def test_two_concurrent_clients_both_get_their_results(demo_url: str) -> None:
     ({}, ["cfg(scale=-2)", "", "", ""], "scale=-2"),
     ({"model": "/no/such/model"}, METHODS, "model='/no/such/model' could not be loaded"),
     ({"num_images": 2.5}, METHODS, "num_images=2.5"),
+    ({"scheduler": "euler"}, METHODS, "scheduler='euler' is not accepted with guidance PCG"),
 ])
 def test_errors_reach_the_client_as_messages_and_the_server_stays_up(client: Client, changes: dict,
                                                                      methods: list[str], message: str) -> None:

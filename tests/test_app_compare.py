@@ -51,12 +51,12 @@ def test_text_to_image_pipeline_uses_the_prompt(comparer: Comparer) -> None:
 
 
 def test_saturation_is_hsv_saturation_and_figures_follow_the_method(comparer: Comparer) -> None:
-    results = comparer.compare(["cfg(scale=5)", "pcg(gamma=5)", "interval(cfg(scale=5), sigma_lo=0.28, sigma_hi=5.42)"],
-                               class_label=2, steps=10, num_images=2, scheduler="heun")
-    for r in results:  # colorsys: the HSV definition, pixel by pixel
+    cfg, interval = comparer.compare(["cfg(scale=5)", "interval(cfg(scale=5), sigma_lo=0.28, sigma_hi=5.42)"],
+                                     class_label=2, steps=10, num_images=2, scheduler="heun")
+    (pcg,) = comparer.compare(["pcg(gamma=5)"], class_label=2, steps=10, num_images=2)
+    for r in (cfg, pcg, interval):  # colorsys: the HSV definition, pixel by pixel
         hsv = [colorsys.rgb_to_hsv(*(p / 255.0))[1] for p in _pixels(r.images).reshape(-1, 3)]
         assert r.saturation == pytest.approx(np.mean(hsv), abs=1e-12)
-    cfg, pcg, interval = results
     assert (cfg.scheduler, cfg.model_calls) == ("HeunDiscreteScheduler", 19)  # Heun: 2 calls per step, 1 at the end
     assert (pcg.scheduler, pcg.model_calls) == ("PCGScheduler", 10 + 9)  # its own sampler: predictor + corrector
     assert interval.model_calls == 19 and interval.uncond_rows_skipped > 0
@@ -67,7 +67,8 @@ def test_saturation_is_hsv_saturation_and_figures_follow_the_method(comparer: Co
 
 def test_schedulers_do_not_leak_between_methods_or_requests(comparer: Comparer) -> None:
     first = comparer.compare(["cfg(scale=3)"], class_label=4, steps=8)
-    comparer.compare(["pcg(gamma=3)", "cfg(scale=3)"], class_label=4, steps=8, scheduler="euler")
+    comparer.compare(["pcg(gamma=3)", "cfgpp(lam=0.6)", "cfg(scale=3)"], class_label=4, steps=8)
+    comparer.compare(["cfg(scale=3)", "apg(scale=3)"], class_label=4, steps=8, scheduler="euler")
     again = comparer.compare(["cfg(scale=3)"], class_label=4, steps=8)
     np.testing.assert_array_equal(_pixels(first[0].images), _pixels(again[0].images))
     pipe = comparer._pipes["default"][0]
@@ -90,6 +91,8 @@ def test_schedulers_do_not_leak_between_methods_or_requests(comparer: Comparer) 
     ({"methods": ["cfg(scale=2)"] * (MAX_METHODS + 1)}, "at most 4"),
     ({"model": "/no/such/model"}, "model='/no/such/model' could not be loaded"),
     ({"model": "tiny:sd3", "methods": ["pcg(gamma=3)"]}, "flow-matching"),
+    ({"methods": ["cfg(scale=3)", "pcg(gamma=5)"], "scheduler": "ddim"},
+     r"scheduler='ddim' is not accepted with guidance PCG\(.*own sampler; expected no scheduler"),
 ])
 def test_bad_input_is_refused_with_its_name(comparer: Comparer, kwargs: dict, match: str) -> None:
     kwargs = {"methods": ["cfg(scale=3)"], "steps": 2, **kwargs}

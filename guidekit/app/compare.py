@@ -2,8 +2,9 @@
 
 A :class:`Comparer` loads pipelines (the embedded default model, a hub id or a local directory; see
 :func:`~guidekit.bridge.loading.load_pipeline`), keeps the last two, and runs each method with the same seeds,
-steps and scheduler. Every input is checked before any model is loaded or called, and a bad one raises a
-``ValueError`` that names it, its value and what is accepted.
+steps and scheduler through :func:`~guidekit.bridge.sampling.sample_guided`, which decides what runs. Every input is
+checked before any model is loaded or called, and a bad one raises a ``ValueError`` that names it, its value and
+what is accepted.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from guidekit.bridge.install import brings_sampler, set_guidance
 from guidekit.bridge.loading import DEFAULT_MODEL, load_pipeline
-from guidekit.bridge.sampling import call_kwargs, sample_guided, takes_prompt
-from guidekit.bridge.schedulers import SCHEDULER_NAMES
+from guidekit.bridge.sampling import SampleSettings, sample_guided, takes_prompt
 from guidekit.evaluation.image_metrics import saturation
 from guidekit.guidance.base import Guidance
 from guidekit.guidance.spec import format_guidance, parse_guidance
@@ -98,18 +97,17 @@ class Comparer:
         self.model = model
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype
-        self._pipes: dict[str, tuple[DiffusionPipeline, dict[str, Any], Any]] = {}
+        self._pipes: dict[str, tuple[DiffusionPipeline, dict[str, Any]]] = {}
         self._lock = threading.Lock()
 
-    def _load(self, model: str) -> tuple[DiffusionPipeline, dict[str, Any], Any]:
-        """The pipeline, its default call arguments and its original scheduler; the comparer's own model and the
-        last other one are kept."""
+    def _load(self, model: str) -> tuple[DiffusionPipeline, dict[str, Any]]:
+        """The pipeline and its default call arguments; the comparer's own model and the last other one are kept."""
         if model not in self._pipes:
             pipe, defaults = load_pipeline(model, dtype=self.dtype)
             pipe = pipe.to(self.device)
             for name in [m for m in self._pipes if m != self.model]:
                 del self._pipes[name]
-            self._pipes[model] = (pipe, defaults, pipe.scheduler)
+            self._pipes[model] = (pipe, defaults)
         return self._pipes[model]
 
     def _name(self, model: str | None) -> str:
@@ -119,7 +117,7 @@ class Comparer:
     def describe(self, model: str | None = None) -> str:
         """What the pipeline of ``model`` is conditioned on, for the page."""
         with self._lock:
-            pipe, defaults, _ = self._load(self._name(model))
+            pipe, defaults = self._load(self._name(model))
         if takes_prompt(pipe):
             return f"{type(pipe).__name__}: text-to-image (prompt)"
         label = defaults.get("class_labels", [0])[0]
@@ -138,33 +136,27 @@ class Comparer:
             seed: seed of the first image, ``>= 0``.
             steps: solver steps, 1 to :data:`MAX_STEPS`.
             scheduler: a name of :data:`~guidekit.bridge.schedulers.SCHEDULER_NAMES`, or ``None`` for the
-                pipeline's own. Methods that bring their own sampler (PCG, CFG++) use theirs, and say so.
+                pipeline's own. Methods that bring their own sampler (PCG, CFG++) run it and refuse a scheduler.
             num_images: images per method, 1 to :data:`MAX_IMAGES`.
+
+        The pipeline comes back from each method as it was (:func:`~guidekit.bridge.sampling.sample_guided`), so
+        methods and requests do not affect each other.
         """
         parsed = _check_methods(methods)
         steps = check_int("steps", steps, low=1, high=MAX_STEPS)
         seed = check_int("seed", seed, low=0)
         num_images = check_int("num_images", num_images, low=1, high=MAX_IMAGES)
-        if scheduler is not None and scheduler not in SCHEDULER_NAMES:
-            raise ValueError(f"scheduler={scheduler!r} is not accepted; expected one of {', '.join(SCHEDULER_NAMES)}")
-        if class_label is not None:
-            class_label = check_int("class_label", class_label, low=0)
+        runs = [(text, SampleSettings(guidance=guidance, scheduler=scheduler, steps=steps,
+                                      seeds=range(seed, seed + num_images), prompt=prompt or None,
+                                      negative_prompt=negative_prompt or None, class_label=class_label))
+                for text, guidance in parsed]
         with self._lock:
-            pipe, defaults, original = self._load(self._name(model))
-            kwargs = call_kwargs(pipe, defaults, num_images, prompt=prompt or None,
-                                 negative_prompt=negative_prompt or None, class_label=class_label)
+            pipe, defaults = self._load(self._name(model))
             results = []
-            try:
-                for text, guidance in parsed:
-                    set_guidance(pipe, None)
-                    pipe.scheduler = type(original).from_config(original.config)
-                    run = sample_guided(pipe, guidance, kwargs, steps=steps, seed=seed, num_images=num_images,
-                                        scheduler=None if brings_sampler(guidance) else scheduler)
-                    pixels = np.stack([np.asarray(image.convert("RGB")) for image in run.images])
-                    results.append(MethodResult(
-                        text, format_guidance(guidance), run.scheduler, run.images, run.stats.model_calls,
-                        run.stats.uncond_rows_skipped, run.seconds, float(saturation(pixels, layout="NHWC").mean())))
-            finally:
-                set_guidance(pipe, None)
-                pipe.scheduler = type(original).from_config(original.config)
+            for text, settings in runs:
+                run = sample_guided(pipe, settings, defaults=defaults)
+                pixels = np.stack([np.asarray(image.convert("RGB")) for image in run.images])
+                results.append(MethodResult(
+                    text, format_guidance(settings.guidance), run.scheduler, run.images, run.stats.model_calls,
+                    run.stats.uncond_rows_skipped, run.seconds, float(saturation(pixels, layout="NHWC").mean())))
         return results

@@ -43,7 +43,7 @@ METHOD_HELP = (
     "Guidance texts, one per column (blank = unused): `cfg(scale, rescale)`, `apg(scale, eta, norm_threshold, "
     "momentum)`, `interval(METHOD, sigma_lo, sigma_hi)`, `scheduled(METHOD, 'linear' | 'cosine' | ...)`, "
     "`adaptive(METHOD, threshold)`, `cfg_zero_star(scale)`, `pcg(gamma, corrector_steps)`, `cfgpp(lam, solver)`. "
-    "PCG and CFG++ run their own sampler. See docs/guidance.md."
+    "PCG and CFG++ run their own sampler: keep the scheduler at the pipeline's own with them. See docs/guidance.md."
 )
 TABLE_HEADERS = ["method", "sampler", "model calls", "uncond rows skipped", "seconds", "saturation"]
 

@@ -10,13 +10,12 @@ process merges them in shard order and writes ``result.json``, also atomically.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import platform
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,42 +89,24 @@ def _versions() -> dict[str, str]:
 
 
 class ImageSource:
-    """Makes the images of a run: the pipeline, its scheduler and guidance, and per-image conditioning."""
+    """Makes the images of a run: the pipeline, loaded once, and the run's sample settings with per-image
+    conditioning (:func:`~guidekit.bridge.sampling.sample_guided`); ``rows`` counts the network rows so far."""
 
     def __init__(self, config: EvalConfig, device: torch.device) -> None:
-        from guidekit.bridge.families import family_of_class
-        from guidekit.bridge.install import brings_sampler, set_guidance
         from guidekit.bridge.loading import load_pipeline
-        from guidekit.bridge.schedulers import make_scheduler
+        from guidekit.bridge.sampling import SampleSettings
         from guidekit.guidance.spec import parse_guidance
 
-        self.config, self.device = config, device
-        dtype = getattr(torch, config.dtype)
-        self.pipe, self.defaults = load_pipeline(config.model, dtype=dtype)
+        self.config = config
+        guidance = None if config.guidance in (None, "", "none") else parse_guidance(config.guidance)
+        self.settings = SampleSettings(guidance=guidance, guidance_scale=config.guidance_scale,
+                                       scheduler=config.scheduler or None, steps=config.steps, height=config.resolution,
+                                       width=config.resolution, output_type="np")
+        self.pipe, self.defaults = load_pipeline(config.model, dtype=getattr(torch, config.dtype))
         self.pipe = self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
-        self.family = family_of_class(type(self.pipe))
-        self.guidance = None if config.guidance in (None, "", "none") else parse_guidance(config.guidance)
-        if config.scheduler:
-            if self.guidance is not None and brings_sampler(self.guidance):
-                raise ValueError(f"scheduler={config.scheduler!r} is not accepted with guidance {config.guidance!r}, "
-                                 "which installs its own sampler; expected no scheduler")
-            self.pipe.scheduler = make_scheduler(config.scheduler, self.pipe.scheduler.config)
-        if self.guidance is not None:
-            set_guidance(self.pipe, self.guidance)
-            self.scale = 2.0 if self.guidance.uses_unconditional else 1.0
-        else:
-            self.scale = 1.0 if config.guidance_scale is None else config.guidance_scale
         self.prompts = config.prompts()
-        self.params = inspect.signature(type(self.pipe).__call__).parameters
         self.rows = 0
-        denoiser = getattr(self.pipe, self.family.denoiser)
-        if self.guidance is None:  # native CFG: count the rows the network sees
-            denoiser.register_forward_pre_hook(self._count_rows, with_kwargs=True)
-
-    def _count_rows(self, module: Any, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-        self.rows += int(sample.shape[0])
 
     def prompt_index(self, position: int) -> int:
         return position % len(self.prompts) if self.prompts else -1
@@ -136,26 +117,15 @@ class ImageSource:
 
     def __call__(self, positions: list[int], seeds: list[int]) -> np.ndarray:
         """uint8 images (N, H, W, 3) of the given run positions and seeds."""
-        kwargs = dict(self.defaults)
-        n = len(positions)
-        if "prompt" in self.params:
-            prompts = [self.prompts[self.prompt_index(p)] for p in positions] if self.prompts else \
-                (kwargs.get("prompt") or [""])[:1] * n
-            kwargs["prompt"] = prompts
-            if "negative_prompt" in kwargs:
-                kwargs["negative_prompt"] = kwargs["negative_prompt"][:1] * n
-        if "class_labels" in self.params:
-            labels = [self.label(p) for p in positions]
-            kwargs["class_labels"] = labels if labels[0] is not None else (kwargs.get("class_labels") or [0])[:1] * n
-        if self.config.resolution:
-            kwargs["height"] = kwargs["width"] = self.config.resolution
-        kwargs[self.family.scale_arg] = self.scale
-        generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
-        out = self.pipe(**kwargs, num_inference_steps=self.config.steps, generator=generators, output_type="np")
-        if self.guidance is not None:
-            stats = self.pipe.guidance_stats
-            self.rows += stats.cond_rows + stats.uncond_rows
-        images = np.asarray(out.images, dtype=np.float32)
+        from guidekit.bridge.sampling import sample_guided
+
+        settings = replace(
+            self.settings, seeds=tuple(seeds),
+            prompt=tuple(self.prompts[self.prompt_index(p)] for p in positions) if self.prompts else None,
+            class_label=tuple(self.label(p) for p in positions) if self.config.class_labels else None)
+        run = sample_guided(self.pipe, settings, defaults=self.defaults)
+        self.rows += run.stats.cond_rows + run.stats.uncond_rows
+        images = np.asarray(run.images, dtype=np.float32)
         return np.clip(np.round(images * 255), 0, 255).astype(np.uint8)
 
 
