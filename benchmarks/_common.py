@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
-from guidekit.bridge.tiny import build_sd15_architecture_pipeline, build_tiny_pipeline, tiny_call_kwargs
+from guidekit.testing.tiny import build_sd15_architecture_pipeline, build_tiny_pipeline, tiny_call_kwargs
 
 
 def machine() -> str:

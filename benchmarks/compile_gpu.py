@@ -66,7 +66,7 @@ from _common import machine, sync
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
 import guidekit
-from guidekit.bridge.tiny import build_tiny_pipeline
+from guidekit.testing.tiny import build_tiny_pipeline
 
 #: stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (diffusers' UNet2DConditionModel arguments).
 SDXL_UNET: dict[str, Any] = {
@@ -423,7 +423,7 @@ def main() -> None:
     unet = pipe.unet
     side = args.size or unet.config.sample_size * pipe.vae_scale_factor
     result["pipeline"] = {
-        "kind": "tiny SDXL (guidekit.bridge.tiny)" if args.tiny else
+        "kind": "tiny SDXL (guidekit.testing.tiny)" if args.tiny else
                 "SDXL base 1.0 UNet + VAE configs, random weights, no text encoders",
         "unet_parameters": sum(p.numel() for p in unet.parameters()),
         "height": side, "width": side, "steps": args.steps, "scheduler": type(pipe.scheduler).__name__,

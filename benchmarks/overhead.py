@@ -15,7 +15,7 @@ import torch
 from _common import add_common_arguments, interleaved, load, machine, median, output_type
 
 import guidekit
-from guidekit.bridge.tiny import FAMILIES
+from guidekit.testing.tiny import FAMILIES
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from diffusers import DiffusionPipeline
 
 import guidekit
 from guidekit.bridge.schedulers import make_scheduler
-from guidekit.bridge.tiny import build_tiny_pipeline, tiny_call_kwargs
+from guidekit.testing.tiny import build_tiny_pipeline, tiny_call_kwargs
 
 VP_FAMILIES = ("sd", "sd-v", "sdxl", "dit", "pixart")
 FLOW_FAMILIES = ("sd3", "sana")

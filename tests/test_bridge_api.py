@@ -13,7 +13,7 @@ from pipelines import final_latents, guided_latents, pipeline
 
 import guidekit
 from guidekit import cli
-from guidekit.bridge.tiny import build_tiny_pipeline
+from guidekit.testing.tiny import build_tiny_pipeline
 
 
 def test_set_guidance_none_restores_everything() -> None:

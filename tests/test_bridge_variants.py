@@ -17,7 +17,7 @@ from diffusers import (
 from pipelines import count_rows, pipeline, scheduler
 
 import guidekit
-from guidekit.bridge.tiny import build_tiny_controlnet_pipeline, tiny_call_kwargs
+from guidekit.testing.tiny import build_tiny_controlnet_pipeline, tiny_call_kwargs
 
 
 def _image(seed: int = 0, channels: int = 3) -> torch.Tensor:

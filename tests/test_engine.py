@@ -14,8 +14,8 @@ from pipelines import final_latents
 from torch._dynamo.utils import counters
 
 import guidekit
-from guidekit.bridge.tiny import build_tiny_pipeline
 from guidekit.guidance import COND, UNCOND, Pass, TwoPassGuidance
+from guidekit.testing.tiny import build_tiny_pipeline
 
 _FIT = guidekit.LinearAGFit(("cfg", "linear", "cond"), {1: (0.5, 0.25, 0.125)})
 VALUES = [

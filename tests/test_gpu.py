@@ -7,7 +7,7 @@ import torch
 from pipelines import final_latents, guided_latents
 
 import guidekit
-from guidekit.bridge.tiny import build_tiny_pipeline
+from guidekit.testing.tiny import build_tiny_pipeline
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -24,10 +24,10 @@ from pipelines import pipeline
 
 import guidekit
 from guidekit.bridge.schedulers import SchedulerReader
-from guidekit.bridge.tiny import tiny_call_kwargs
 from guidekit.samplers.base import VPSampler
 from guidekit.samplers.cfgpp import CFGPPScheduler
 from guidekit.samplers.edm_heun import EDMHeunScheduler
+from guidekit.testing.tiny import tiny_call_kwargs
 
 STEPS = 5
 STRENGTH = 0.6

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
-from guidekit.bridge import tiny
 from guidekit.bridge.class_pipeline import ClassConditionalPipeline
+from guidekit.testing import tiny
 
 TINY_PREFIX = "tiny:"
 DEFAULT_MODEL = "default"
@@ -28,7 +28,7 @@ def load_pipeline(model: str, *, dtype: torch.dtype = torch.float32) -> tuple[Di
     """Load ``model`` and return it with call arguments that make a valid default call.
 
     ``default`` is the embedded default model; ``tiny:FAMILY`` builds a tiny random-weight pipeline of that family
-    offline (:data:`guidekit.bridge.tiny.FAMILIES`); a directory saved by a :class:`ClassConditionalPipeline` loads
+    offline (:data:`guidekit.testing.tiny.FAMILIES`); a directory saved by a :class:`ClassConditionalPipeline` loads
     as one; anything else goes to ``DiffusionPipeline.from_pretrained``.
     """
     path = DEFAULT_MODEL_DIR if model == DEFAULT_MODEL else Path(model).expanduser()
