@@ -28,7 +28,7 @@ from typing import Any
 from diffusers import DiffusionPipeline
 
 from guidekit.bridge.families import Family, family_of_class
-from guidekit.bridge.proxy import GuidanceStats, GuidedDenoiser
+from guidekit.bridge.proxy import GuidanceStats, GuidedDenoiser, is_compiled
 from guidekit.bridge.schedulers import _is_flow, check_scheduler
 from guidekit.guidance.base import UNCOND, BringsSampler, Guidance
 from guidekit.guidance.spec import parse_guidance
@@ -163,7 +163,7 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, bound: inspect.Bou
     had_forward = "forward" in denoiser.__dict__
     saved_forward = denoiser.__dict__.get("forward")
     proxy = GuidedDenoiser(denoiser.forward, guidance, family, pipe.scheduler, batched,
-                           float(bound.arguments.get(family.scale_arg) or 1.0))
+                           float(bound.arguments.get(family.scale_arg) or 1.0), compiled=is_compiled(denoiser))
     denoiser.forward = proxy
     try:
         return original_call(pipe, *args, **kwargs)

@@ -7,9 +7,10 @@ runs the wrapped forward on the conditional rows plus the unconditional rows tha
 them, and hands the pipeline ``[g; g]``. The pipeline's own CFG, ``u + s (c - u)``, then returns exactly ``g``
 whatever its ``guidance_scale``.
 
-Every forward is handed to the wrapped denoiser with the batch dimension of its tensors marked dynamic for
-``torch.compile`` and size-oblivious (see :func:`mark_batch_dynamic`), so a compiled denoiser makes one graph
-for every number of rows, 1 included, and does not recompile when the number changes.
+When the denoiser is compiled, every forward is handed to it with the batch dimension of its tensors marked
+dynamic and compiled size-obliviously (see :func:`mark_batch_dynamic`), so one graph serves every number of rows
+and a change of the number does not recompile (inductor still specialises once on a single row; see
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -102,6 +103,12 @@ def _take(value: Any, index: slice | torch.Tensor, n: int) -> Any:
     return value
 
 
+def is_compiled(denoiser: torch.nn.Module) -> bool:
+    """Whether ``denoiser`` runs under ``torch.compile``: ``torch.compile(module)`` or ``module.compile()``."""
+    return isinstance(denoiser, torch._dynamo.eval_frame.OptimizedModule) \
+        or getattr(denoiser, "_compiled_call_impl", None) is not None
+
+
 def _size_oblivious() -> Any:
     """A context in which torch.compile treats dynamic sizes as size-oblivious (no specialisation on 0 or 1); a
     no-op on a torch without the setting."""
@@ -129,11 +136,13 @@ class GuidedDenoiser:
         scheduler: the pipeline's scheduler, read at every call.
         batched: whether the pipeline evaluates the unconditional branch at all (its scale ``> 1``).
         pipeline_scale: the pipeline's own guidance scale (needed for separate-call pipelines).
+        compiled: whether the denoiser is compiled (:func:`is_compiled`): its forwards get dynamic batch marks.
     """
 
     def __init__(self, forward: Callable[..., Any], guidance: Guidance, family: Family, scheduler: Any,
-                 batched: bool, pipeline_scale: float = 1.0) -> None:
+                 batched: bool, pipeline_scale: float = 1.0, compiled: bool = False) -> None:
         self.forward = forward
+        self.compiled = compiled
         self.guidance = guidance
         self.family = family
         self.scheduler = scheduler
@@ -175,7 +184,8 @@ class GuidedDenoiser:
                               corrector=state.corrector, rows=self._rows, batch_size=b)
         if not self.batched:
             return ctx, torch.zeros(b, dtype=torch.bool)
-        return ctx, self.guidance.needs(ctx, self.state).get(UNCOND, torch.zeros(b, dtype=torch.bool))
+        guided = self.guidance.needs(ctx, self.state).get(UNCOND)
+        return ctx, torch.zeros(b, dtype=torch.bool) if guided is None else guided
 
     def _combine(self, ctx: GuidanceContext, cond: torch.Tensor, uncond: torch.Tensor, guided: torch.Tensor,
                  n_guided: int) -> torch.Tensor:
@@ -267,6 +277,8 @@ class GuidedDenoiser:
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         self.stats.model_calls += 1
+        if not self.compiled:
+            return self.forward(*args, **kwargs)
         sample, _ = _sample_and_timestep(args, kwargs)
         mark_batch_dynamic((args, kwargs), sample.shape[0])
         with _size_oblivious():

@@ -258,15 +258,15 @@ def apply_guidance(guidance: Guidance, cond: torch.Tensor, extra: Predictions, m
         ctx: the call's context over all ``B`` samples.
         state: the guidance's state for this pipeline call.
     """
-    passes = list(masks)
-    keys = list(zip(*(masks[p].tolist() for p in passes), strict=True)) if passes else [()] * len(cond)
-    groups = sorted(set(keys))
-    if len(groups) == 1:
-        preds = {COND: cond, **{p: extra[p] for p, on in zip(passes, groups[0], strict=True) if on}}
+    flags = {p: m.tolist() for p, m in masks.items()}
+    if all(all(f) or not any(f) for f in flags.values()):  # one group: every sample has the same passes
+        preds = {COND: cond, **{p: extra[p] for p, f in flags.items() if f and f[0]}}
         return guidance.guide(preds, ctx, state).to(cond.dtype)
+    passes = list(flags)
+    keys = list(zip(*flags.values(), strict=True))
     out = torch.empty_like(cond)
     positions = {p: masks[p].cumsum(0) - 1 for p in passes}
-    for key in groups:
+    for key in sorted(set(keys)):
         idx = torch.tensor([i for i, k in enumerate(keys) if k == key])
         preds = {COND: cond[idx.to(cond.device)]}
         for p, on in zip(passes, key, strict=True):
