@@ -166,13 +166,15 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, bound: inspect.Bou
                            float(bound.arguments.get(family.scale_arg) or 1.0), compiled=is_compiled(denoiser))
     denoiser.forward = proxy
     try:
-        return original_call(pipe, *args, **kwargs)
+        output = original_call(pipe, *args, **kwargs)
     finally:
         if had_forward:
             denoiser.forward = saved_forward
         else:
             del denoiser.forward
         pipe.__dict__["guidance_stats"] = proxy.stats
+    proxy.check_finite()  # no image made from a prediction that was not finite
+    return output
 
 
 class GuidedRun:

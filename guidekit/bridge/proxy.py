@@ -25,6 +25,7 @@ import torch
 from guidekit.bridge.families import Family
 from guidekit.bridge.schedulers import SchedulerReader, model_space
 from guidekit.guidance.base import COND, UNCOND, Guidance, GuidanceContext, apply_guidance
+from guidekit.guidance.spec import format_guidance
 from guidekit.samplers.protocols import TakesUnconditional
 
 
@@ -150,6 +151,7 @@ class GuidedDenoiser:
         self.pipeline_scale = pipeline_scale
         self.stats = GuidanceStats()
         self.state: Any = None  # the guidance's per-call state, made at the first denoiser call
+        self._finite: list[tuple[int, float, torch.Tensor]] = []  # (step, sigma, all finite?) of every prediction
         self._reader: SchedulerReader | None = None
         self._rows = torch.arange(0)
         self._channels: int | None = None  # guided channels, known after the first call
@@ -200,6 +202,7 @@ class GuidedDenoiser:
         if cond.shape[1] != c:
             cond, uncond = cond[:, :c], uncond[:, :c]
         pred = apply_guidance(self.guidance, cond, {UNCOND: uncond}, {UNCOND: guided}, ctx, self.state)
+        self._finite.append((ctx.step, ctx.sigma, torch.isfinite(pred).all()))  # read once, after the call
         if self._receiver is not None:  # samples without an unconditional row pass their conditional one
             if n_guided != len(guided):
                 full = cond.clone()
@@ -274,6 +277,26 @@ class GuidedDenoiser:
             uncond = cond[:0]
         pred = self._full(self._combine(ctx, cond, uncond, guided, n_guided), cond)
         return _with_output(result, cond + (cond - pred) / (self.pipeline_scale - 1.0))
+
+    def check_finite(self) -> None:
+        """Raise a ``ValueError`` naming the guidance and the first step whose guided prediction was not finite.
+
+        The flags stay on the device during the call and are read here once, so the check costs no host
+        synchronisation per step.
+        """
+        if not self._finite:
+            return
+        flags = torch.stack([f for *_, f in self._finite]).cpu()
+        if bool(flags.all()):
+            return
+        step, sigma, _ = self._finite[int((~flags).nonzero()[0])]
+        try:
+            method = format_guidance(self.guidance)
+        except TypeError:  # a guidance without a text form
+            method = repr(self.guidance)
+        raise ValueError(f"guidance {method} gave a guided prediction that is not finite at step {step} "
+                         f"(sigma {sigma:.4g}); expected finite values: lower the weight, or check the model's own "
+                         "predictions")
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         self.stats.model_calls += 1
