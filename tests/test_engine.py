@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from torch._dynamo.utils import counters
 
 import guidekit
 from guidekit.guidance import COND, UNCOND, Pass, TwoPassGuidance
-from guidekit.testing.tiny import build_tiny_pipeline
+from guidekit.testing.tiny import build_tiny_pipeline, tiny_call_kwargs
 
 _FIT = guidekit.LinearAGFit(("cfg", "linear", "cond"), {1: (0.5, 0.25, 0.125)})
 VALUES = [
@@ -215,3 +216,41 @@ def test_import_guidance_and_testbed_without_diffusers() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
     after = "import guidekit; from diffusers import DiffusionPipeline as P; assert hasattr(P, 'set_guidance')"
     subprocess.run([sys.executable, "-c", after], check=True)
+
+
+class _RecordsSteps:
+    """Mixin of test instruments: notes the solver step of every call."""
+
+    def needs_unconditional(self, ctx, state=None, scale=None):
+        self.seen.append(ctx.step)
+        return super().needs_unconditional(ctx, state, scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CFGSteps(_RecordsSteps, guidekit.CFG):
+    seen: list = dataclasses.field(default_factory=list, compare=False, hash=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PCGSteps(_RecordsSteps, guidekit.PCG):
+    seen: list = dataclasses.field(default_factory=list, compare=False, hash=False)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "heun", "dpmpp_2m", "pcg"])
+def test_img2img_steps_are_numbered_in_the_whole_plan(scheduler: str) -> None:
+    """strength 0.5 of 4 steps runs steps 2 and 3, and the guidance sees them under those numbers (it saw 0 and 1)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from guidekit.bridge.schedulers import make_scheduler
+
+    pipe = StableDiffusionImg2ImgPipeline(**build_tiny_pipeline("sd").components)
+    pipe.set_progress_bar_config(disable=True)
+    if scheduler == "pcg":
+        g = _PCGSteps(5.0)
+    else:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+        g = _CFGSteps(5.0)
+    with guidekit.guided(pipe, g):
+        pipe(prompt=tiny_call_kwargs("sd")["prompt"], image=torch.rand(1, 3, 16, 16), strength=0.5,
+             num_inference_steps=4, guidance_scale=5.0, output_type="latent")
+    assert g.seen == ([2, 2, 3] if scheduler in ("heun", "pcg") else [2, 3]), g.seen

@@ -88,9 +88,9 @@ def _recorded(pipe: Any, guidance: guidekit.Guidance) -> Iterator[dict[str, list
     read, add_noise = sampler.denoiser_call, sampler.add_noise
 
     def denoiser_call(timestep: Any) -> Any:
-        level, corrector, tau = read(timestep)
+        level, corrector, tau, step = read(timestep)
         record["calls"].append((sampler.step_index, level.sigma, corrector))
-        return level, corrector, tau
+        return level, corrector, tau, step
 
     def noised(original: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         out = add_noise(original, noise, timesteps)

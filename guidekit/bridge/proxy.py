@@ -156,7 +156,6 @@ class GuidedDenoiser:
         self._rows = torch.arange(0)
         self._channels: int | None = None  # guided channels, known after the first call
         self._space = model_space(scheduler)
-        self._step = -1
         self._step_sigma = float("nan")
         self._tau = float("nan")
         self._pending: tuple[GuidanceContext, torch.Tensor, torch.Tensor, Any] | None = None
@@ -177,11 +176,10 @@ class GuidedDenoiser:
             self.stats.uncond_rows_per_sample = [0] * b
         state = self._reader(timestep)
         if not state.corrector:
-            self._step += 1
             self._step_sigma, self._tau = state.level.sigma, state.tau
         if self._channels is not None and sample.shape[1] != self._channels:
             sample = sample[:, :self._channels]
-        ctx = GuidanceContext(x=sample, level=state.level, model_space=self._space, step=self._step,
+        ctx = GuidanceContext(x=sample, level=state.level, model_space=self._space, step=state.step,
                               num_steps=state.num_steps, step_sigma=self._step_sigma, tau=self._tau,
                               corrector=state.corrector, rows=self._rows, batch_size=b)
         if not self.batched:

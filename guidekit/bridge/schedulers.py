@@ -58,12 +58,17 @@ _PREDICTION_SPACES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "fl
 
 @dataclass(frozen=True)
 class SchedulerCall:
-    """The scheduler's state at one denoiser call."""
+    """The scheduler's state at one denoiser call.
+
+    ``step`` is the solver step of the call in the scheduler's whole plan, so a pipeline that starts mid-plan
+    (img2img, inpaint, a refiner) sees the steps it runs under their own numbers.
+    """
 
     level: NoiseLevel
     corrector: bool
     tau: float
     num_steps: int
+    step: int
 
 
 def _supported_base(scheduler: SchedulerMixin) -> str | None:
@@ -133,15 +138,16 @@ class SchedulerReader:
     def __call__(self, timestep: torch.Tensor | float) -> SchedulerCall:
         """The state at the denoiser call being made now at ``timestep`` (the scheduler's units)."""
         if self.kind == _SELF_REPORTING:
-            level, corrector, tau = self.scheduler.denoiser_call(timestep)
-            return SchedulerCall(level, corrector, tau, self.num_steps)
+            level, corrector, tau, step = self.scheduler.denoiser_call(timestep)
+            return SchedulerCall(level, corrector, tau, self.num_steps, step)
         if self.kind == _ALPHAS_CUMPROD:
             if self._first_index is None:
                 self._first_index = self.timesteps.index(float(torch.as_tensor(timestep).flatten()[0]))
-            t = int(self.timesteps[self._first_index + self._calls])
+            step = self._first_index + self._calls
+            t = int(self.timesteps[step])
             self._calls += 1
             level = NoiseLevel.from_alphas_cumprod(self.alphas_cumprod[t])
-            return SchedulerCall(level, False, t / self.num_train, self.num_steps)
+            return SchedulerCall(level, False, t / self.num_train, self.num_steps, step)
         scheduler = self.scheduler
         if scheduler.step_index is not None:
             idx = int(scheduler.step_index)
@@ -154,7 +160,8 @@ class SchedulerReader:
             sigma = self.sigmas[idx]
         level = NoiseLevel.from_flow_time(sigma) if self.flow else NoiseLevel.from_sigma(sigma)
         tau = float(self.timesteps[min(idx, len(self.timesteps) - 1)]) / self.num_train
-        return SchedulerCall(level, corrector, tau, self.num_steps)
+        step = idx // 2 if self.two_calls_per_step else idx  # Heun-type plans: predictor, corrector, per step
+        return SchedulerCall(level, corrector, tau, self.num_steps, step)
 
 
 #: Short scheduler names (for the command line) -> (diffusers class name, config overrides).

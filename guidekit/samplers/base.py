@@ -17,6 +17,7 @@ img2img and inpaint pipelines start the plan mid-way: they slice ``timesteps[t_s
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -155,6 +156,7 @@ class VPSampler(SchedulerMixin, ConfigMixin):
     def _finish_plan(self, calls: list[SamplerCall], num_inference_steps: int, device: str | torch.device | None
                      ) -> None:
         self.calls = calls
+        self._solver_steps = list(itertools.accumulate(not c.corrector for c in calls))  # 1 + step of each call
         self.num_inference_steps = num_inference_steps
         timesteps = torch.tensor([self.sigma_to_t(c.sigma) for c in calls], dtype=torch.float32)
         self._planned_timesteps = timesteps.tolist()
@@ -206,11 +208,12 @@ class VPSampler(SchedulerMixin, ConfigMixin):
         """The latents are already the model's input (VP space)."""
         return sample
 
-    def denoiser_call(self, timestep: float | torch.Tensor) -> tuple[NoiseLevel, bool, float]:
-        """The noise level, corrector flag and normalised time of the denoiser call about to be made."""
+    def denoiser_call(self, timestep: float | torch.Tensor) -> tuple[NoiseLevel, bool, float, int]:
+        """The noise level, corrector flag, normalised time and solver step of the denoiser call about to be made
+        (a step's corrector calls follow its predictor call in the plan)."""
         call = self.calls[self._call]
         return NoiseLevel.from_sigma(call.sigma), call.corrector, self._planned_timesteps[self._call] / len(
-            self.train_sigmas)
+            self.train_sigmas), self._solver_steps[self._call] - 1
 
     def denoised(self, model_output: torch.Tensor, sample: torch.Tensor, sigma: float) -> torch.Tensor:
         """``D`` (= ``x0``) from the model output at the VP latents ``sample`` of level ``sigma``."""

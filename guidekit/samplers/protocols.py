@@ -19,8 +19,9 @@ from guidekit.parameterization import NoiseLevel
 class ReportsCalls(Protocol):
     """A scheduler that says where each denoiser call of its plan stands."""
 
-    def denoiser_call(self, timestep: float | torch.Tensor) -> tuple[NoiseLevel, bool, float]:
-        """The noise level, corrector flag and normalised time ``t / T`` of the denoiser call about to be made."""
+    def denoiser_call(self, timestep: float | torch.Tensor) -> tuple[NoiseLevel, bool, float, int]:
+        """The noise level, corrector flag, normalised time ``t / T`` and solver step (in the whole plan) of the
+        denoiser call about to be made."""
 
 
 @runtime_checkable
