@@ -24,11 +24,11 @@ from guidekit.bridge.sampling import SampleSettings, sample_guided, takes_prompt
 from guidekit.evaluation.image_metrics import saturation
 from guidekit.guidance.base import Guidance
 from guidekit.guidance.spec import format_guidance, parse_guidance
-from guidekit.validation import check_int
+from guidekit.limits import DEMO_MAX_IMAGES as MAX_IMAGES
+from guidekit.limits import DEMO_MAX_METHODS as MAX_METHODS
+from guidekit.limits import DEMO_MAX_STEPS as MAX_STEPS
+from guidekit.limits import check_num_images, check_seed, check_steps
 
-MAX_METHODS = 4
-MAX_IMAGES = 8
-MAX_STEPS = 500
 #: Images are shown at least this many pixels wide (the default model's are 8 x 8), upscaled without smoothing.
 DISPLAY_SIZE = 96
 
@@ -76,10 +76,11 @@ class MethodResult:
 def _check_methods(methods: Sequence[str]) -> list[tuple[str, Guidance]]:
     texts = [m.strip() for m in methods if m and m.strip()]
     if not texts:
-        raise ValueError(f"methods={list(methods)!r} is not accepted; expected 1 to {MAX_METHODS} guidance texts "
-                         "such as 'cfg(scale=3)'")
+        raise ValueError(f"methods has no guidance text ({len(methods)} blank entries), which is not accepted; "
+                         f"expected 1 to {MAX_METHODS} guidance texts such as 'cfg(scale=3)'")
     if len(texts) > MAX_METHODS:
-        raise ValueError(f"methods has {len(texts)} entries, which is not accepted; expected at most {MAX_METHODS}")
+        raise ValueError(f"methods has {len(texts)} entries, which is not accepted; expected at most {MAX_METHODS} "
+                         "(limit DEMO_MAX_METHODS)")
     return [(t, parse_guidance(t)) for t in texts]
 
 
@@ -133,7 +134,7 @@ class Comparer:
                 left out.
             model: ``"default"``, a hub id or a local directory; the comparer's own model if ``None``.
             prompt, negative_prompt: for text-to-image pipelines; class_label: for class-conditional ones.
-            seed: seed of the first image, ``>= 0``.
+            seed: seed of the first image, 0 to :data:`~guidekit.limits.MAX_SEED` (and so are the others).
             steps: solver steps, 1 to :data:`MAX_STEPS`.
             scheduler: a name of :data:`~guidekit.bridge.schedulers.SCHEDULER_NAMES`, or ``None`` for the
                 pipeline's own. Methods that bring their own sampler (PCG, CFG++) run it and refuse a scheduler.
@@ -143,9 +144,9 @@ class Comparer:
         methods and requests do not affect each other.
         """
         parsed = _check_methods(methods)
-        steps = check_int("steps", steps, low=1, high=MAX_STEPS)
-        seed = check_int("seed", seed, low=0)
-        num_images = check_int("num_images", num_images, low=1, high=MAX_IMAGES)
+        steps = check_steps("steps", steps, high=MAX_STEPS, limit="DEMO_MAX_STEPS")
+        seed = check_seed("seed", seed)
+        num_images = check_num_images("num_images", num_images, high=MAX_IMAGES, limit="DEMO_MAX_IMAGES")
         runs = [(text, SampleSettings(guidance=guidance, scheduler=scheduler, steps=steps,
                                       seeds=range(seed, seed + num_images), prompt=prompt or None,
                                       negative_prompt=negative_prompt or None, class_label=class_label))

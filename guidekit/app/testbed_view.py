@@ -41,6 +41,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from guidekit.bridge.testbed import MixtureDenoiser, MixturePipeline
 from guidekit.guidance.pcg import PCG
+from guidekit.limits import MAX_STEPS, check_seed
 from guidekit.samplers.pcg import PCGScheduler
 from guidekit.testbed.mixture import UNCONDITIONAL, GaussianMixture
 from guidekit.testbed.oracles import GaussianCFGOracle
@@ -48,7 +49,7 @@ from guidekit.validation import check_int, check_number
 
 #: Accepted ranges of :func:`run_testbed`'s parameters (inclusive).
 WEIGHT_RANGE = (1.0, 20.0)
-STEPS_RANGE = (1, 1000)
+STEPS_RANGE = (1, MAX_STEPS)
 NUM_SAMPLES_RANGE = (100, 200_000)
 CORRECTOR_STEPS_RANGE = (0, 10)
 
@@ -284,7 +285,7 @@ def run_testbed(preset: str = "gaussian", weight: float = 3.0, corrector_steps: 
                                 high=CORRECTOR_STEPS_RANGE[1])
     steps = check_int("steps", steps, low=STEPS_RANGE[0], high=STEPS_RANGE[1])
     num_samples = check_int("num_samples", num_samples, low=NUM_SAMPLES_RANGE[0], high=NUM_SAMPLES_RANGE[1])
-    seed = check_int("seed", seed, low=0, high=2**63 - 1)
+    seed = check_seed("seed", seed)
     spec = _PRESETS[preset]
     mixture = spec.mixture()
 

@@ -3,24 +3,30 @@
 The split: callers load the pipeline (model, dtype, device) once, with the default call arguments of
 :func:`~guidekit.bridge.loading.load_pipeline`, and keep it; :class:`SampleSettings` holds what one call draws
 (guidance, scheduler, steps, seeds, conditioning, size, output type) and refuses a bad value when it is made, before
-any model is loaded or called; :func:`sample_guided` runs one call of a loaded pipeline, which has no guidance
-attached, with those settings and hands the pipeline back as it found it.
+any model is loaded or called; :func:`sample_guided` runs a loaded pipeline, which has no guidance attached, with
+those settings and hands the pipeline back as it found it.
 
 The rules, decided here only:
 
 * A guidance that brings its own sampler (PCG, CFG++: :func:`~guidekit.bridge.install.brings_sampler`) runs that
   sampler; an explicit ``scheduler`` together with such a guidance is refused.
 * ``scheduler`` (a name of :data:`~guidekit.bridge.schedulers.SCHEDULER_NAMES`) replaces the pipeline's scheduler
-  for the call, built from its config; ``None`` keeps the pipeline's own.
+  for the call, built from its config; ``None`` keeps the pipeline's own. A scheduler for the other kind of model
+  (a flow-matching scheduler on a VP model, or the reverse) is refused by name before the call.
+* Resource limits (:mod:`guidekit.limits`: steps, images per request, seeds, image size, prompt length) are checked
+  by :class:`SampleSettings`; the images are drawn in pipeline calls of at most :data:`~guidekit.limits.MAX_BATCH`
+  consecutive seeds, the same as separate requests of those seeds.
 * With a guidance, the family's scale argument (``guidance_scale``, Flux's ``true_cfg_scale``) is 2.0 when the
   guidance uses unconditional predictions and 1.0 otherwise: under ``set_guidance`` it only switches the
   unconditional branch on or off. Without one, the pipeline runs its native CFG at ``guidance_scale`` (1.0 if
   ``None``).
-* Image ``i`` uses ``seeds[i]`` through its own ``torch.Generator`` on the pipeline's device.
+* Image ``i`` uses ``seeds[i]`` through its own ``torch.Generator`` on the pipeline's device, so its noise does not
+  depend on the other seeds (its pixels can, in the last bits: the network's kernels depend on the batch size).
 * A prompt or class label applies to every image, a tuple of them gives one per image; conditioning the settings
   leave out comes from the loader's defaults, and conditioning the pipeline does not take is left out.
 * The stats are ``pipe.guidance_stats`` with a guidance; under native CFG the denoiser's calls and rows are counted
-  (a batched ``[uncond; cond]`` call counts its rows beyond one per image as unconditional).
+  (a batched ``[uncond; cond]`` call counts its rows beyond one per image as unconditional). Over several pipeline
+  calls they are added up.
 * Afterwards the guidance is detached and the pipeline's own scheduler is back in place, so calls with different
   settings on one pipeline do not affect each other.
 """
@@ -29,20 +35,23 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from guidekit import limits
 from guidekit.bridge.families import Family, family_of_class
 from guidekit.bridge.install import brings_sampler, set_guidance
 from guidekit.bridge.proxy import GuidanceStats
-from guidekit.bridge.schedulers import SCHEDULER_NAMES, make_scheduler
+from guidekit.bridge.schedulers import SCHEDULER_NAMES, _flow_class, _is_flow, make_scheduler
 from guidekit.guidance.base import COND, UNCOND, Guidance
+from guidekit.limits import check_image_side, check_num_images, check_seed, check_steps, check_text
 from guidekit.validation import check_int, check_number
 
 #: The output types :func:`sample_guided` accepts: PIL images, or a float array (N, H, W, C) in [0, 1].
@@ -67,14 +76,17 @@ class SampleSettings:
         guidance_scale: the native CFG scale (only without ``guidance``; ``None``: 1.0).
         scheduler: a name of :data:`~guidekit.bridge.schedulers.SCHEDULER_NAMES` for this call, or ``None`` for the
             pipeline's own; must be ``None`` with a guidance that brings its own sampler.
-        steps: solver steps, ``>= 1``.
-        seeds: one non-negative seed per image (a list or range is stored as a tuple).
+        steps: solver steps, 1 to :data:`~guidekit.limits.MAX_STEPS`.
+        seeds: one seed in ``[0, MAX_SEED]`` per image, at most :data:`~guidekit.limits.MAX_IMAGES_PER_REQUEST`
+            (a list or range is stored as a tuple).
         prompt: text-to-image pipelines: one prompt for every image, or one per image; ``None``: the loader's
-            default prompt.
+            default prompt. Prompts and the negative prompt hold at most :data:`~guidekit.limits.MAX_PROMPT_CHARS`
+            characters.
         negative_prompt: one negative prompt for every image; ``None``: the loader's default, if any.
         class_label: class-conditional pipelines: one label for every image, or one per image; ``None``: the
             loader's default label. Conditioning the pipeline does not take is left out.
-        height, width: image size in pixels; ``None``: the loader's or the pipeline's default.
+        height, width: image size in pixels, a multiple of 8 up to :data:`~guidekit.limits.MAX_IMAGE_SIDE`;
+            ``None``: the loader's or the pipeline's default.
         output_type: ``"pil"`` or ``"np"`` (float NHWC in [0, 1]).
     """
 
@@ -91,6 +103,9 @@ class SampleSettings:
     output_type: str = "pil"
 
     def __post_init__(self) -> None:
+        # counted before a long range is turned into a tuple
+        if isinstance(self.seeds, (list, tuple, range)) and _length(self.seeds) > limits.MAX_IMAGES_PER_REQUEST:
+            check_num_images("num_images", _length(self.seeds))
         for name in ("seeds", "prompt", "class_label"):  # per-image lists become tuples, so settings stay frozen
             value = getattr(self, name)
             if isinstance(value, (list, range)):
@@ -108,22 +123,26 @@ class SampleSettings:
         if self.scheduler is not None and self.guidance is not None and brings_sampler(self.guidance):
             raise ValueError(f"scheduler={self.scheduler!r} is not accepted with guidance {self.guidance!r}, which "
                              "installs its own sampler; expected no scheduler (the pipeline's own)")
-        check_int("steps", self.steps, low=1)
+        check_steps("steps", self.steps)
         if not isinstance(self.seeds, tuple) or not self.seeds:
             raise ValueError(f"seeds={self.seeds!r} is not accepted; expected one non-negative integer per image")
         for seed in self.seeds:
-            check_int("seeds", seed, low=0)
+            check_seed("seeds", seed)
         for name in ("prompt", "class_label"):
             value = getattr(self, name)
             if isinstance(value, tuple) and len(value) != len(self.seeds):
                 raise ValueError(f"{name} has {len(value)} entries, which is not accepted; expected one for every "
                                  f"image, {len(self.seeds)} (one per seed), or a single value for all")
+        for name in ("prompt", "negative_prompt"):
+            for text in _per_image(getattr(self, name), 1):
+                if isinstance(text, str):
+                    check_text(name, text)
         if self.class_label is not None:
             for label in _per_image(self.class_label, 1):
                 check_int("class_label", label, low=0)
         for name in ("height", "width"):
             if getattr(self, name) is not None:
-                check_int(name, getattr(self, name), low=1)
+                check_image_side(name, getattr(self, name))
         if self.output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={self.output_type!r} is not accepted; expected one of "
                              f"{', '.join(OUTPUT_TYPES)}")
@@ -153,6 +172,70 @@ class SampleResult:
 
 def _per_image(value: Any, n: int) -> list[Any]:
     return list(value) if isinstance(value, tuple) else [value] * n
+
+
+def _length(values: Sequence[Any]) -> int:
+    """``len(values)``, also for a range longer than ``sys.maxsize`` (where ``len`` raises ``OverflowError``)."""
+    if isinstance(values, range):
+        return max(0, -(-(values.stop - values.start) // values.step))
+    return len(values)
+
+
+def _chunks(settings: SampleSettings) -> list[SampleSettings]:
+    """``settings`` cut into runs of at most :data:`~guidekit.limits.MAX_BATCH` consecutive seeds, with per-image
+    conditioning cut alike."""
+    def part(value: Any, chunk: slice) -> Any:
+        return value[chunk] if isinstance(value, tuple) else value
+
+    cuts = [slice(i, i + limits.MAX_BATCH) for i in range(0, settings.num_images, limits.MAX_BATCH)]
+    if len(cuts) == 1:
+        return [settings]
+    return [replace(settings, seeds=settings.seeds[c], prompt=part(settings.prompt, c),
+                    class_label=part(settings.class_label, c)) for c in cuts]
+
+
+def _added(parts: list[GuidanceStats]) -> GuidanceStats:
+    """The stats of several pipeline calls as one: counts added, per-sample rows in the calls' order."""
+    if len(parts) == 1:
+        return parts[0]
+    total = GuidanceStats(model_calls=sum(p.model_calls for p in parts), computed={}, skipped={},
+                          uncond_rows_per_sample=[r for p in parts for r in p.uncond_rows_per_sample])
+    for part in parts:
+        for mine, theirs in ((total.computed, part.computed), (total.skipped, part.skipped)):
+            for name, rows in theirs.items():
+                mine[name] = mine.get(name, 0) + rows
+    return total
+
+
+def _samples_flow(scheduler: SchedulerMixin) -> bool:
+    """Whether ``scheduler`` samples a flow-matching model: a ``FlowMatch*`` class, or a class that takes
+    ``use_flow_sigmas`` with it set (a class that does not take it keeps the key of the config it was made from,
+    unused)."""
+    takes = "use_flow_sigmas" in inspect.signature(type(scheduler).__init__).parameters
+    return _flow_class(scheduler) or (takes and _is_flow(scheduler))
+
+
+def _builds(name: str, config: Any, flow: bool) -> bool:
+    """Whether the scheduler ``name`` builds from ``config`` and samples a flow-matching model iff ``flow``."""
+    try:
+        return _samples_flow(make_scheduler(name, config)) == flow
+    except ValueError:
+        return False
+
+
+def _chosen_scheduler(pipe: DiffusionPipeline, name: str) -> SchedulerMixin:
+    """The scheduler ``name`` made from the pipeline's scheduler config; refused by name when it samples the other
+    kind of model than the pipeline's own (flow matching against VP), listing the names that fit this model."""
+    config = pipe.scheduler.config
+    scheduler = make_scheduler(name, config)
+    flow = _samples_flow(pipe.scheduler)
+    if _samples_flow(scheduler) != flow:
+        accepted = [n for n in SCHEDULER_NAMES if _builds(n, config, flow)]
+        kind = "a flow-matching model" if flow else "a VP (noise-prediction) model"
+        raise ValueError(f"scheduler={name!r} is not accepted for {type(pipe).__name__}, {kind} with "
+                         f"{type(pipe.scheduler).__name__}; expected one of {', '.join(accepted)}, or none (the "
+                         "pipeline's own)")
+    return scheduler
 
 
 def _call_arguments(pipe: DiffusionPipeline, family: Family, settings: SampleSettings,
@@ -219,6 +302,9 @@ def sample_guided(pipe: DiffusionPipeline, settings: SampleSettings, *,
                   defaults: Mapping[str, Any] | None = None) -> SampleResult:
     """Draw ``settings.num_images`` images from ``pipe`` with ``settings``; image ``i`` uses ``settings.seeds[i]``.
 
+    The images are drawn in pipeline calls of at most :data:`~guidekit.limits.MAX_BATCH` consecutive seeds; the
+    result holds them in order, the stats and seconds of all calls added up.
+
     Args:
         pipe: a loaded pipeline of a supported family, without a guidance attached; it comes back the same (no
             guidance, its own scheduler).
@@ -230,22 +316,32 @@ def sample_guided(pipe: DiffusionPipeline, settings: SampleSettings, *,
     if hasattr(pipe, "guidance_stats"):
         raise ValueError(f"pipe={type(pipe).__name__} is not accepted while it has a guidance attached; expected a "
                          "pipeline without one (set_guidance(pipe, None))")
-    kwargs = _call_arguments(pipe, family, settings, defaults or {})
-    generators = [torch.Generator(pipe.device).manual_seed(seed) for seed in settings.seeds]
-    counter = None if settings.guidance is not None else _NativeRows(settings.num_images, _alternates(family, kwargs))
+    scheduler = None if settings.scheduler is None else _chosen_scheduler(pipe, settings.scheduler)
+    calls = [(part, _call_arguments(pipe, family, part, defaults or {})) for part in _chunks(settings)]
+    images: list[Any] = []
+    stats: list[GuidanceStats] = []
+    seconds = 0.0
     with ExitStack() as restore:  # on the way out, also after an error: the guidance goes, the scheduler comes back
         restore.callback(setattr, pipe, "scheduler", pipe.scheduler)
-        if settings.scheduler is not None:
-            pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
-        if counter is None:
+        if scheduler is not None:
+            pipe.scheduler = scheduler
+        if settings.guidance is not None:
             restore.callback(set_guidance, pipe, None)  # also gives back a scheduler the guidance's sampler replaced
             set_guidance(pipe, settings.guidance)
-        else:
-            restore.callback(getattr(pipe, family.denoiser).register_forward_pre_hook(counter, with_kwargs=True).remove)
-        start = time.perf_counter()
-        images = pipe(**kwargs, num_inference_steps=settings.steps, generator=generators,
-                      output_type=settings.output_type).images
-        seconds = time.perf_counter() - start
+        for part, kwargs in calls:
+            generators = [torch.Generator(pipe.device).manual_seed(seed) for seed in part.seeds]
+            counter = None if settings.guidance is not None else _NativeRows(part.num_images,
+                                                                             _alternates(family, kwargs))
+            with ExitStack() as hook:
+                if counter is not None:
+                    denoiser = getattr(pipe, family.denoiser)
+                    hook.callback(denoiser.register_forward_pre_hook(counter, with_kwargs=True).remove)
+                start = time.perf_counter()
+                images.append(pipe(**kwargs, num_inference_steps=settings.steps, generator=generators,
+                                   output_type=settings.output_type).images)
+                seconds += time.perf_counter() - start
+            stats.append(pipe.guidance_stats if counter is None else counter.stats())
         ran = type(pipe.scheduler).__name__
-        stats = pipe.guidance_stats if counter is None else counter.stats()
-    return SampleResult(list(images) if settings.output_type == "pil" else np.asarray(images), stats, seconds, ran)
+    joined = [image for part in images for image in part] if settings.output_type == "pil" else \
+        np.concatenate([np.asarray(part) for part in images])
+    return SampleResult(joined, _added(stats), seconds, ran)

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from guidekit.guidance.base import UNCOND, GuidanceContext, Pass, TwoPassGuidance, set_field
-from guidekit.validation import check_int, check_number
+from guidekit.limits import check_corrector_steps
+from guidekit.validation import check_number
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class PCG(TwoPassGuidance):
 
     Args:
         gamma: exponent of the tilted target (``1`` = unguided corrector), ``>= 0``.
-        corrector_steps: Langevin corrector steps per solver step, ``>= 0``.
+        corrector_steps: Langevin corrector steps per solver step, 0 to
+            :data:`~guidekit.limits.MAX_CORRECTOR_STEPS`.
         step_scale: multiplier of the Langevin step size, ``> 0``.
     """
 
@@ -37,7 +39,7 @@ class PCG(TwoPassGuidance):
 
     def __post_init__(self) -> None:
         set_field(self, "gamma", check_number("gamma", self.gamma, low=0.0))
-        set_field(self, "corrector_steps", check_int("corrector_steps", self.corrector_steps, low=0))
+        set_field(self, "corrector_steps", check_corrector_steps("corrector_steps", self.corrector_steps))
         set_field(self, "step_scale", check_number("step_scale", self.step_scale, low=0.0, low_open=True))
 
     def passes(self) -> frozenset[Pass]:

@@ -25,6 +25,7 @@ from guidekit.guidance.interval import Interval
 from guidekit.guidance.linear_ag import LinearAG, LinearAGFit
 from guidekit.guidance.pcg import PCG
 from guidekit.guidance.schedules import Scheduled
+from guidekit.limits import MAX_GUIDANCE_CHARS, MAX_GUIDANCE_DEPTH, check_text, shorten
 
 #: Canonical text name of each guidance class.
 NAMES: dict[type[Guidance], str] = {
@@ -56,7 +57,7 @@ class GuidanceSyntaxError(ValueError):
 
 def _fail(text: str, why: str) -> GuidanceSyntaxError:
     accepted = ", ".join(sorted(set(NAMES.values())))
-    return GuidanceSyntaxError(f"guidance={text!r} does not parse: {why}; expected a call such as "
+    return GuidanceSyntaxError(f"guidance={shorten(text)} does not parse: {why}; expected a call such as "
                                f"'interval(apg(scale=2, eta=0), sigma_lo=0.28, sigma_hi=5.42)' "
                                f"using {accepted}")
 
@@ -79,15 +80,15 @@ def _value(node: ast.expr, text: str) -> object:
         named = {"inf": math.inf, "true": True, "false": False, "none": None}
         if node.id.lower() in named:
             return named[node.id.lower()]
-    raise _fail(text, f"unsupported argument {ast.unparse(node)!r}")
+    raise _fail(text, f"unsupported argument {shorten(ast.unparse(node))}")
 
 
 def _call(node: ast.Call, text: str) -> object:
     if not isinstance(node.func, ast.Name):
-        raise _fail(text, f"{ast.unparse(node.func)!r} is not a method name")
+        raise _fail(text, f"{shorten(ast.unparse(node.func))} is not a method name")
     cls = _BY_KEY.get(_key(node.func.id))
     if cls is None:
-        raise _fail(text, f"unknown method {node.func.id!r}")
+        raise _fail(text, f"unknown method {shorten(node.func.id)}")
     args = [_value(a, text) for a in node.args]
     kwargs = {}
     for kw in node.keywords:
@@ -100,14 +101,36 @@ def _call(node: ast.Call, text: str) -> object:
         raise _fail(text, f"bad arguments for {(NAMES | VALUES)[cls]}: {exc}") from None
 
 
+def _depth(tree: ast.AST) -> int:
+    """How many expressions deep ``tree`` nests (calls, lists, dicts and signs, counting the innermost value)."""
+    deepest, stack = 0, [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        depth += isinstance(node, ast.expr)
+        deepest = max(deepest, depth)
+        stack.extend((child, depth) for child in ast.iter_child_nodes(node))
+    return deepest
+
+
 def parse_guidance(text: str) -> Guidance:
-    """Parse the text form of a guidance (see the module docstring)."""
+    """Parse the text form of a guidance (see the module docstring).
+
+    Texts longer than :data:`~guidekit.limits.MAX_GUIDANCE_CHARS` characters or nesting deeper than
+    :data:`~guidekit.limits.MAX_GUIDANCE_DEPTH` are refused before they are built; error messages repeat a long text
+    shortened.
+    """
     if not isinstance(text, str):
         raise TypeError(f"guidance={text!r} is not accepted; expected a string")
+    check_text("guidance", text, high=MAX_GUIDANCE_CHARS, limit="MAX_GUIDANCE_CHARS")
+    too_deep = f"it nests deeper than {MAX_GUIDANCE_DEPTH} (limit MAX_GUIDANCE_DEPTH)"
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as exc:
         raise _fail(text, exc.msg) from None
+    except RecursionError:  # Python's parser gives up on deep nesting before the depth check could run
+        raise _fail(text, too_deep) from None
+    if _depth(tree) > MAX_GUIDANCE_DEPTH:
+        raise _fail(text, too_deep)
     if not isinstance(tree.body, ast.Call):
         raise _fail(text, "it is not a call")
     guidance = _call(tree.body, text)

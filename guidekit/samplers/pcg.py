@@ -35,8 +35,9 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from guidekit.limits import check_corrector_steps
 from guidekit.samplers.base import SamplerCall, VPSampler, first_timestep
-from guidekit.validation import check_int, check_number
+from guidekit.validation import check_number
 
 
 class PCGScheduler(VPSampler):
@@ -46,7 +47,8 @@ class PCGScheduler(VPSampler):
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type: the model's
             schedule, as in its own scheduler config.
         timestep_spacing, steps_offset: where the levels start (diffusers' meaning; ``"trailing"`` by default).
-        corrector_steps: Langevin steps per solver step (``>= 0``; 0 is conditional DDIM).
+        corrector_steps: Langevin steps per solver step, 0 (conditional DDIM) to
+            :data:`~guidekit.limits.MAX_CORRECTOR_STEPS`.
         step_scale: multiplies the Langevin step size ``(sigma_i^2 - sigma_{i+1}^2) / 2`` (``> 0``).
     """
 
@@ -57,7 +59,7 @@ class PCGScheduler(VPSampler):
                  corrector_steps: int = 1, step_scale: float = 1.0) -> None:
         self._setup_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                              prediction_type, timestep_spacing, steps_offset)
-        check_int("corrector_steps", corrector_steps, low=0)
+        check_corrector_steps("corrector_steps", corrector_steps)
         check_number("step_scale", step_scale, low=0.0, low_open=True)
         self.sigmas: list[float] = []
         self.call_steps: list[int] = []
