@@ -88,6 +88,7 @@ class VPSampler(SchedulerMixin, ConfigMixin):
         self._log_sigmas = np.log(self.train_sigmas)
         self.space = _PREDICTION_SPACES[prediction_type]
         self.calls: list[SamplerCall] = []
+        self.call_steps: list[int] = []
         self.timesteps = torch.zeros(0)
         self.num_inference_steps: int | None = None
         self._call = 0
@@ -156,7 +157,8 @@ class VPSampler(SchedulerMixin, ConfigMixin):
     def _finish_plan(self, calls: list[SamplerCall], num_inference_steps: int, device: str | torch.device | None
                      ) -> None:
         self.calls = calls
-        self._solver_steps = list(itertools.accumulate(not c.corrector for c in calls))  # 1 + step of each call
+        # the solver step of each call: a step's corrector calls follow its predictor call
+        self.call_steps = [k - 1 for k in itertools.accumulate(not c.corrector for c in calls)]
         self.num_inference_steps = num_inference_steps
         timesteps = torch.tensor([self.sigma_to_t(c.sigma) for c in calls], dtype=torch.float32)
         self._planned_timesteps = timesteps.tolist()
@@ -213,7 +215,7 @@ class VPSampler(SchedulerMixin, ConfigMixin):
         (a step's corrector calls follow its predictor call in the plan)."""
         call = self.calls[self._call]
         return NoiseLevel.from_sigma(call.sigma), call.corrector, self._planned_timesteps[self._call] / len(
-            self.train_sigmas), self._solver_steps[self._call] - 1
+            self.train_sigmas), self.call_steps[self._call]
 
     def denoised(self, model_output: torch.Tensor, sample: torch.Tensor, sigma: float) -> torch.Tensor:
         """``D`` (= ``x0``) from the model output at the VP latents ``sample`` of level ``sigma``."""

@@ -62,7 +62,6 @@ class PCGScheduler(VPSampler):
         check_corrector_steps("corrector_steps", corrector_steps)
         check_number("step_scale", step_scale, low=0.0, low_open=True)
         self.sigmas: list[float] = []
-        self.call_steps: list[int] = []
 
     @property
     def order(self) -> int:
@@ -80,11 +79,10 @@ class PCGScheduler(VPSampler):
         top = first_timestep(n, T, self.config.timestep_spacing, self.config.steps_offset) + 1
         steps = [round(top - i * top / n) - 1 for i in range(n)]  # "trailing" spacing below DDIM's first timestep
         self.sigmas = [float(self.train_sigmas[t]) for t in steps] + [0.0]
-        calls, self.call_steps = [], []
+        calls = []
         for i in range(n):
             correctors = self.config.corrector_steps if self.sigmas[i + 1] > 0 else 0
             calls += [SamplerCall(self.sigmas[i], False)] + [SamplerCall(self.sigmas[i + 1], True)] * correctors
-            self.call_steps += [i] * (1 + correctors)
         self._finish_plan(calls, n, device)
 
     def _start_at(self, call: int) -> None:
