@@ -48,8 +48,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from guidekit import limits
 from guidekit.bridge.families import Family, family_of_class
 from guidekit.bridge.install import brings_sampler, set_guidance
-from guidekit.bridge.proxy import GuidanceStats
-from guidekit.bridge.schedulers import SCHEDULER_NAMES, _flow_class, _is_flow, make_scheduler
+from guidekit.bridge.proxy import GuidanceStats, _sample_and_timestep
+from guidekit.bridge.schedulers import SCHEDULER_NAMES, _is_flow, make_scheduler
 from guidekit.guidance.base import COND, UNCOND, Guidance
 from guidekit.limits import check_image_side, check_num_images, check_seed, check_steps, check_text
 from guidekit.validation import check_int, check_number
@@ -207,18 +207,10 @@ def _added(parts: list[GuidanceStats]) -> GuidanceStats:
     return total
 
 
-def _samples_flow(scheduler: SchedulerMixin) -> bool:
-    """Whether ``scheduler`` samples a flow-matching model: a ``FlowMatch*`` class, or a class that takes
-    ``use_flow_sigmas`` with it set (a class that does not take it keeps the key of the config it was made from,
-    unused)."""
-    takes = "use_flow_sigmas" in inspect.signature(type(scheduler).__init__).parameters
-    return _flow_class(scheduler) or (takes and _is_flow(scheduler))
-
-
 def _builds(name: str, config: Any, flow: bool) -> bool:
     """Whether the scheduler ``name`` builds from ``config`` and samples a flow-matching model iff ``flow``."""
     try:
-        return _samples_flow(make_scheduler(name, config)) == flow
+        return _is_flow(make_scheduler(name, config)) == flow
     except ValueError:
         return False
 
@@ -228,8 +220,8 @@ def _chosen_scheduler(pipe: DiffusionPipeline, name: str) -> SchedulerMixin:
     kind of model than the pipeline's own (flow matching against VP), listing the names that fit this model."""
     config = pipe.scheduler.config
     scheduler = make_scheduler(name, config)
-    flow = _samples_flow(pipe.scheduler)
-    if _samples_flow(scheduler) != flow:
+    flow = _is_flow(pipe.scheduler)
+    if _is_flow(scheduler) != flow:
         accepted = [n for n in SCHEDULER_NAMES if _builds(n, config, flow)]
         kind = "a flow-matching model" if flow else "a VP (noise-prediction) model"
         raise ValueError(f"scheduler={name!r} is not accepted for {type(pipe).__name__}, {kind} with "
@@ -281,7 +273,7 @@ class _NativeRows:
         self.calls = self.cond = self.uncond = 0
 
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        sample, _ = _sample_and_timestep(args, kwargs)
         rows = int(sample.shape[0])
         cond = 0 if self.alternate and self.calls % 2 else min(rows, self.num_images)
         self.cond, self.uncond, self.calls = self.cond + cond, self.uncond + rows - cond, self.calls + 1

@@ -21,6 +21,7 @@ The traps (REFERENCE section 2) and how they are handled:
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,7 +84,11 @@ def _flow_class(scheduler: SchedulerMixin) -> bool:
 
 
 def _is_flow(scheduler: SchedulerMixin) -> bool:
-    return _flow_class(scheduler) or bool(scheduler.config.get("use_flow_sigmas"))
+    """Whether ``scheduler`` samples a flow-matching model: a ``FlowMatch*`` class, or a class that takes
+    ``use_flow_sigmas`` with it set (a class that does not take it keeps the key of the config it was made from,
+    unused)."""
+    takes = "use_flow_sigmas" in inspect.signature(type(scheduler).__init__).parameters
+    return _flow_class(scheduler) or (takes and bool(scheduler.config.get("use_flow_sigmas")))
 
 
 def model_space(scheduler: SchedulerMixin) -> str:
