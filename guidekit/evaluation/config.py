@@ -10,10 +10,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from guidekit import limits
 from guidekit.validation import check_int
 
 #: Metrics ``guidekit eval`` knows, and the feature network each needs.
@@ -39,22 +41,67 @@ def read_json_object(path: str | Path, name: str) -> dict[str, Any]:
     return data
 
 
+#: Seeds are below this: a generator's seed is a signed 64-bit integer.
+SEED_LIMIT = 2**63
+#: The fewest images a run accepts: FID needs a covariance, which is undefined for one image.
+MIN_IMAGES = 2
+#: The sample settings that a shard's ``settings_sha256`` covers: everything that changes its images and features.
+SHARD_KEYS = ("model", "guidance", "guidance_scale", "scheduler", "steps", "dtype", "resolution", "class_labels",
+              "prompts_sha256", "networks")
+#: Splits of the Inception Score (as ADM's evaluator): a run computing ``is`` needs at least this many images.
+IS_SPLITS = 10
+
+
 def parse_seeds(text: str | list[int]) -> list[int]:
-    """``"0-49999"`` (inclusive), ``"0,5,9"``, or a list of ints, into a list of distinct non-negative seeds."""
+    """``"0-49999"`` (inclusive), ``"0,5,9"``, or a list of ints, into a list of at least two distinct seeds in
+    ``[0, 2**63)``, at most :data:`~guidekit.limits.MAX_EVAL_IMAGES` of them; a one-line ``ValueError`` naming
+    ``seeds`` otherwise (a reversed range such as ``"9-0"`` too). The count is checked before the list is built."""
+    shown = limits.shorten(text)
+    accepted = (f"a range such as '0-49999' or a list such as '0,5,9' of {MIN_IMAGES} to {limits.MAX_EVAL_IMAGES} "
+                "distinct integers in [0, 2**63), ranges not reversed (limit MAX_EVAL_IMAGES)")
     if isinstance(text, list):
+        if len(text) > limits.MAX_EVAL_IMAGES or any(
+                isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in text):
+            raise ValueError(f"seeds={shown} is not accepted; expected {accepted}")
         seeds = [int(s) for s in text]
+    elif not isinstance(text, str):
+        raise ValueError(f"seeds={shown} is not accepted; expected {accepted}")
     else:
-        seeds = []
-        for part in str(text).split(","):
-            part = part.strip()
-            lo, sep, hi = part.partition("-")
-            if not lo.isdigit() or (sep and not hi.isdigit()):
-                raise ValueError(f"seeds={text!r} is not accepted; expected a range such as '0-49999' or a list "
-                                 "such as '0,5,9' of non-negative integers")
-            seeds += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise ValueError(f"seeds={text!r} is not accepted; expected distinct non-negative integers (at least one)")
+        bounds = []
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            if not _is_decimal(lo) or (sep and (not _is_decimal(hi) or not int(lo) <= int(hi) < SEED_LIMIT)):
+                raise ValueError(f"seeds={shown} is not accepted; expected {accepted}")
+            bounds.append((int(lo), int(hi) if sep else int(lo)))
+        if sum(hi - lo + 1 for lo, hi in bounds) > limits.MAX_EVAL_IMAGES:
+            raise ValueError(f"seeds={shown} is not accepted; expected {accepted}")
+        seeds = [seed for lo, hi in bounds for seed in range(lo, hi + 1)]
+    if len(seeds) < MIN_IMAGES or len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) >= SEED_LIMIT:
+        raise ValueError(f"seeds={shown} is not accepted; expected {accepted}")
     return seeds
+
+
+def _is_decimal(text: str) -> bool:
+    """Whether ``text`` is a non-empty run of the ASCII digits 0-9 (``str.isdigit`` also takes other scripts')."""
+    return text.isascii() and text.isdigit()
+
+
+def check_class_labels(labels: object) -> list[int] | None:
+    """``None`` for none or an empty list (every class of the model in turn), else the class ids (each >= 0) as a
+    list of ints; a one-line ``ValueError`` naming ``class_labels`` otherwise."""
+    if labels is None or (isinstance(labels, (list, tuple)) and not labels):
+        return None
+    if (not isinstance(labels, (list, tuple)) or len(labels) > limits.MAX_EVAL_IMAGES
+            or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0 for v in labels)):
+        raise ValueError(f"class_labels={limits.shorten(labels)} is not accepted; expected a list of "
+                         "class ids >= 0, used in turn by image position, or none (every class of the model in turn)")
+    return [int(v) for v in labels]
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    """The SHA-256 of the :data:`SHARD_KEYS` of a run's :meth:`EvalConfig.sample_settings`: a shard stores it, and
+    a rerun accepts the shard only if its own settings give the same hash."""
+    return hashlib.sha256(json.dumps({k: settings.get(k) for k in SHARD_KEYS}, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -110,7 +157,8 @@ class EvalConfig:
         """Raise a ``ValueError`` naming the first bad field, its value and what is accepted."""
         for name in ("steps", "batch_size", "shard_size", "kid_subsets", "kid_subset_size", "pr_k", "dc_k"):
             check_int(name, getattr(self, name), low=1)
-        parse_seeds(self.seeds)
+        count = len(parse_seeds(self.seeds))
+        self.class_labels = check_class_labels(self.class_labels)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not accepted; expected one of {', '.join(DTYPES)}")
         if self.save_images not in SAVE_IMAGES:
@@ -125,6 +173,14 @@ class EvalConfig:
                              f"{self.guidance!r}; give one: a guidekit guidance, or the pipeline's native CFG scale")
         if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 8):
             raise ValueError(f"resolution={self.resolution!r} is not accepted; expected an integer >= 8")
+        minimum = {"precision": ("pr_k", self.pr_k + 1), "recall": ("pr_k", self.pr_k + 1),
+                   "density": ("dc_k", self.dc_k + 1), "coverage": ("dc_k", self.dc_k + 1),
+                   "is": ("its splits", IS_SPLITS)}
+        for metric in self.metrics:
+            if metric in minimum and count < minimum[metric][1]:
+                what, least = minimum[metric]
+                raise ValueError(f"seeds={limits.shorten(self.seeds)} ({count} images) is not accepted with "
+                                 f"metric {metric}; expected at least {least} images ({what})")
         needs = {METRICS[m] for m in self.metrics}
         if "clip" in needs and not self.clip_model:
             raise ValueError("clip_model=None is not accepted with metrics fd_clip or clip_score; expected a CLIP "
@@ -163,7 +219,8 @@ class EvalConfig:
         ``saturation``). A rerun into the same output directory must repeat the former and may extract less;
         metrics, references and metric parameters may change between reruns."""
         data = {k: getattr(self, k) for k in ("model", "guidance", "guidance_scale", "scheduler", "steps",
-                                              "class_labels", "resolution", "batch_size", "dtype", "shard_size")}
+                                              "resolution", "batch_size", "dtype", "shard_size")}
+        data["class_labels"] = list(self.class_labels) if self.class_labels else None  # None: all classes in turn
         data["seeds"] = parse_seeds(self.seeds)
         data["prompts_sha256"] = None if self.prompts_file is None else hashlib.sha256(
             "\n".join(self.prompts() or []).encode()).hexdigest()

@@ -5,23 +5,44 @@ by symmetric eigendecomposition. Eigenvalues below the rounding level of the mat
 the rank tolerance of ``numpy.linalg.matrix_rank``) are set to zero, so the null space of a rank-deficient
 (positive semi-definite) covariance contributes nothing rather than square roots of rounding noise, and the result
 does not depend on scipy's ``sqrtm``.
+
+The eigendecompositions and matrix products run in torch, float64, on one CPU thread (:func:`one_thread`):
+multi-threaded LAPACK splits its reductions by thread count, so numpy's ``eigh`` changes in the last bits with
+``OMP_NUM_THREADS``. On one thread the distance is the same bits in every process of a machine, whatever thread
+count the launcher gives it (``accelerate launch`` and a plain ``python`` differ).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
+import torch
 from numpy.typing import ArrayLike
 
 
-def _clean(values: np.ndarray) -> np.ndarray:
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch's CPU operations (its BLAS and LAPACK included) on one thread inside the block, then restore the
+    thread count: reductions then add in one order whatever the process's thread count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _clean(values: torch.Tensor) -> torch.Tensor:
     """Eigenvalues of a symmetric PSD matrix with rounding-level (and negative) ones set to zero."""
-    tolerance = len(values) * np.finfo(np.float64).eps * max(float(np.abs(values).max(initial=0.0)), 0.0)
-    return np.where(values > tolerance, values, 0.0)
+    tolerance = len(values) * torch.finfo(torch.float64).eps * float(values.abs().max())
+    return torch.where(values > tolerance, values, 0.0)
 
 
-def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
-    values, vectors = np.linalg.eigh(matrix)
-    return (vectors * np.sqrt(_clean(values))) @ vectors.T
+def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh(matrix)
+    return (vectors * _clean(values).sqrt()) @ vectors.T
 
 
 def gaussian_statistics(features: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -33,7 +54,7 @@ def gaussian_statistics(features: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:
-    """Squared Frechet distance between ``N(mu1, sigma1)`` and ``N(mu2, sigma2)``, in float64."""
+    """Squared Frechet distance between ``N(mu1, sigma1)`` and ``N(mu2, sigma2)``, in float64 on one CPU thread."""
     m1, m2 = np.asarray(mu1, dtype=np.float64).ravel(), np.asarray(mu2, dtype=np.float64).ravel()
     s1, s2 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64)), np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
     d = len(m1)
@@ -41,7 +62,8 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
         raise ValueError(f"shapes mu1 {m1.shape}, sigma1 {s1.shape}, mu2 {m2.shape}, sigma2 {s2.shape} are not "
                          "accepted; expected (d,), (d, d), (d,), (d, d)")
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
-    root = _psd_sqrt(s1)
-    cross = root @ s2 @ root
-    trace_sqrt = np.sqrt(_clean(np.linalg.eigvalsh((cross + cross.T) / 2))).sum()
+    with one_thread():
+        root = _psd_sqrt(torch.from_numpy(s1))
+        cross = root @ torch.from_numpy(s2) @ root
+        trace_sqrt = float(_clean(torch.linalg.eigvalsh((cross + cross.T) / 2)).sqrt().sum())
     return float(np.sum((m1 - m2) ** 2) + np.trace(s1) + np.trace(s2) - 2.0 * trace_sqrt)

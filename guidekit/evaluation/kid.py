@@ -9,7 +9,9 @@ For subsets ``X = {x_1..x_m}`` (fake) and ``Y = {y_1..y_m}`` (real) KID uses the
 
 As in StyleGAN2-ADA, clean-fid and torch-fidelity, it is averaged over ``num_subsets`` random subsets of
 ``m = subset_size`` rows drawn without replacement from each set; the spread over subsets is reported as well.
-The estimator is unbiased, so it can be slightly negative when the distributions match.
+The estimator is unbiased, so it can be slightly negative when the distributions match. On the CPU the kernels
+are summed on one thread (:func:`~guidekit.evaluation.frechet.one_thread`), so the value is the same bits whatever
+thread count the process runs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from guidekit.evaluation.frechet import one_thread
 
 
 def _features(features: Any, name: str) -> torch.Tensor:
@@ -63,11 +67,12 @@ def kernel_inception_distance(real: Any, fake: Any, *, num_subsets: int = 100, s
         return (gamma * (a @ b.T) + coef0) ** degree
 
     estimates = []
-    for _ in range(num_subsets):
-        x = x_all[torch.from_numpy(rng.choice(x_all.shape[0], m, replace=False))].to(device, torch.float64)
-        y = y_all[torch.from_numpy(rng.choice(y_all.shape[0], m, replace=False))].to(device, torch.float64)
-        k_xx, k_yy = kernel(x, x), kernel(y, y)
-        within = (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
-        estimates.append((within - 2.0 * kernel(x, y).sum() / m**2).item())
+    with one_thread():
+        for _ in range(num_subsets):
+            x = x_all[torch.from_numpy(rng.choice(x_all.shape[0], m, replace=False))].to(device, torch.float64)
+            y = y_all[torch.from_numpy(rng.choice(y_all.shape[0], m, replace=False))].to(device, torch.float64)
+            k_xx, k_yy = kernel(x, x), kernel(y, y)
+            within = (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
+            estimates.append((within - 2.0 * kernel(x, y).sum() / m**2).item())
     values = np.asarray(estimates)
     return float(values.mean()), float(values.std())

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from guidekit.evaluation.config import EvalConfig
+from guidekit.evaluation.config import IS_SPLITS, EvalConfig
 
 
 def _reference(path: str, network_identity: dict[str, Any], what: str) -> tuple[Any, dict[str, Any]]:
@@ -74,7 +74,7 @@ def compute(config: EvalConfig, data: dict[str, np.ndarray]) -> tuple[dict[str, 
             raise ValueError(f"metric is (Inception Score) is not accepted with feature_network="
                              f"{config.feature_network!r}: the network gives no class logits (the standard FID "
                              "Inception TorchScript has none); plug in a network with logits")
-        values["is"], values["is_std"] = inception_score(data["logits"])
+        values["is"], values["is_std"] = inception_score(data["logits"], splits=IS_SPLITS)
     for key, metric, reference in (("clip", "fd_clip", config.clip_reference),
                                    ("dinov2", "fd_dinov2", config.dinov2_reference)):
         if metric in wanted:
