@@ -1,7 +1,8 @@
 """guidekit: better guidance and samplers than plain CFG on the diffusers pipelines you already use.
 
-``import guidekit`` loads the guidance maths only (no diffusers). Once diffusers is imported too (before or after
-guidekit), every ``DiffusionPipeline`` has a ``set_guidance`` method::
+``import guidekit`` loads nothing heavy: the guidance maths (torch) come with the first method used, the pipeline
+functions (diffusers) with the first of those. Once diffusers is imported (before or after guidekit), every
+``DiffusionPipeline`` has a ``set_guidance`` method::
 
     pipe.set_guidance(guidekit.Interval(guidekit.APG(2.0), sigma_lo=0.28, sigma_hi=5.42))
 
@@ -15,26 +16,28 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from guidekit.guidance import (
-    APG,
-    CFG,
-    CFGPP,
-    PCG,
-    AdaptiveGuidance,
-    CFGZeroStar,
-    Guidance,
-    GuidanceSyntaxError,
-    Interval,
-    LinearAG,
-    LinearAGFit,
-    PredictionRecorder,
-    Scheduled,
-    fit_linear_ag,
-    format_guidance,
-    parse_guidance,
-)
+if TYPE_CHECKING:
+    from guidekit.bridge import GuidanceStats, guided, set_guidance
+    from guidekit.guidance import (
+        APG,
+        CFG,
+        CFGPP,
+        PCG,
+        AdaptiveGuidance,
+        CFGZeroStar,
+        Guidance,
+        GuidanceSyntaxError,
+        Interval,
+        LinearAG,
+        LinearAGFit,
+        PredictionRecorder,
+        Scheduled,
+        fit_linear_ag,
+        format_guidance,
+        parse_guidance,
+    )
 
 __version__ = "0.1.0"
 
@@ -42,8 +45,13 @@ _BRIDGE_NAMES = ("GuidanceStats", "guided", "set_guidance")
 
 
 def __getattr__(name: str) -> Any:
+    """The exported names, imported when first used: :mod:`guidekit.guidance` (torch) for the methods,
+    :mod:`guidekit.bridge` (diffusers) for the pipeline functions. So ``import guidekit`` and the command line's
+    ``--help`` load neither."""
     if name in _BRIDGE_NAMES:
         return getattr(importlib.import_module("guidekit.bridge"), name)
+    if name in __all__:
+        return getattr(importlib.import_module("guidekit.guidance"), name)
     raise AttributeError(f"module 'guidekit' has no attribute {name!r}")
 
 

@@ -1,6 +1,11 @@
-"""Measure the embedded default model and write its model card (guidekit/app/default_model/README.md).
+"""Measure the embedded default model and write its model card (guidekit/app/default_model/README.md) and its
+held-out images (held_out.npz).
 
     python scripts/model_card.py [--model DIR] [--per-class 50] [--steps 20]
+
+The held-out images are the test split under one fixed colouring (generator seed 1), saved in ADM's batch layout
+(``arr_0`` uint8 NHWC, ``arr_1`` labels) so that ``guidekit reference --from default`` needs no scikit-learn; the
+file is rewritten only when its images differ.
 
 Measured with the model's own DDIM scheduler at ``--steps`` steps, for CFG weights 1 and 3:
 * class accuracy of ``--per-class`` samples per class, by a logistic-regression classifier trained on the training
@@ -22,8 +27,25 @@ import torch
 from guidekit.app.digits import DigitClassifier, coloured_digits
 from guidekit.bridge.class_pipeline import ClassConditionalPipeline
 from guidekit.evaluation import InceptionFeatures, frechet_distance, gaussian_statistics, saturation
+from guidekit.evaluation.reference import DEFAULT_HELD_OUT
 
 DEFAULT = Path(__file__).resolve().parents[1] / "guidekit" / "app" / "default_model"
+
+
+def held_out_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out split under its fixed colouring: uint8 images ``(N, 3, 8, 8)`` and labels ``(N,)``."""
+    return coloured_digits("test", torch.Generator().manual_seed(1))
+
+
+def write_held_out(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Save ``images`` and ``labels`` at ``path`` in ADM's batch layout unless the file already holds them (so an
+    unchanged file keeps its bytes)."""
+    arrays = {"arr_0": images.permute(0, 2, 3, 1).numpy(), "arr_1": labels.numpy()}
+    if path.is_file():
+        with np.load(path) as stored:
+            if set(stored.files) == set(arrays) and all(np.array_equal(stored[k], v) for k, v in arrays.items()):
+                return
+    np.savez_compressed(path, **arrays)
 
 
 def sample(pipe: ClassConditionalPipeline, labels: list[int], w: float, steps: int) -> torch.Tensor:
@@ -46,7 +68,8 @@ def main() -> None:
     pipe = ClassConditionalPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     classifier = DigitClassifier()
-    test_images, test_labels = coloured_digits("test", torch.Generator().manual_seed(1))
+    test_images, test_labels = held_out_images()
+    write_held_out(args.model / DEFAULT_HELD_OUT.name, test_images, test_labels)
     train_images, _ = coloured_digits("train", torch.Generator().manual_seed(2))
     inception = InceptionFeatures()
     test_stats = gaussian_statistics(inception(test_images).features.numpy())

@@ -80,3 +80,16 @@ def test_testbed_tab_gives_a_plot_and_a_table(client: Client) -> None:
     assert rows["PCG"][4] == 20 + 19  # model calls: predictor + one corrector step per step but the last
     with pytest.raises(AppError, match="steps=0"):
         client.predict("gaussian", 3, 1, 0, 2000, 0, api_name="/testbed")
+
+
+def test_every_input_has_a_name_that_says_what_it_is_and_integers_are_typed_int(client: Client) -> None:
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    compare = {p["parameter_name"]: p["type"]["type"] for p in api["/compare"]["parameters"]}
+    assert list(compare) == [*DEFAULTS, "method_1", "method_2", "method_3", "method_4"]
+    assert {k: compare[k] for k in ("class_label", "seed", "steps", "num_images")} == dict.fromkeys(
+        ("class_label", "seed", "steps", "num_images"), "integer")
+    testbed = {p["parameter_name"]: p["type"]["type"] for p in api["/testbed"]["parameters"]}
+    assert testbed == {"preset": "string", "weight": "number", "corrector_steps": "integer", "steps": "integer",
+                       "num_samples": "integer", "seed": "integer"}
+    assert not [p for p in compare | testbed if p.startswith(("param_", "value_"))]
+    assert [r["label"] for r in api["/compare"]["returns"]][-1] == "Model description"

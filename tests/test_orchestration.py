@@ -73,7 +73,7 @@ def test_cli_eval_and_demo_refuse_a_scheduler_with_a_guidance_that_brings_its_sa
     def no_loading(*args: object, **kwargs: object) -> None:
         raise AssertionError("a model was loaded before the settings were checked")
 
-    for module in ("guidekit.cli", "guidekit.bridge.loading", "guidekit.app.compare"):
+    for module in ("guidekit.bridge.loading", "guidekit.app.compare"):
         monkeypatch.setattr(f"{module}.load_pipeline", no_loading)
     with pytest.raises(ValueError, match="scheduler='ddim' is not accepted") as direct:
         SampleSettings(guidance=parse_guidance("pcg(gamma=5)"), scheduler="ddim")

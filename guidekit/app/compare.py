@@ -74,14 +74,14 @@ class MethodResult:
 
 
 def _check_methods(methods: Sequence[str]) -> list[tuple[str, Guidance]]:
-    texts = [m.strip() for m in methods if m and m.strip()]
+    texts = [m for m in methods if m and m.strip()]  # checked as sent: the length limit counts every character
     if not texts:
         raise ValueError(f"methods has no guidance text ({len(methods)} blank entries), which is not accepted; "
                          f"expected 1 to {MAX_METHODS} guidance texts such as 'cfg(scale=3)'")
     if len(texts) > MAX_METHODS:
         raise ValueError(f"methods has {len(texts)} entries, which is not accepted; expected at most {MAX_METHODS} "
                          "(limit DEMO_MAX_METHODS)")
-    return [(t, parse_guidance(t)) for t in texts]
+    return [(t.strip(), parse_guidance(t)) for t in texts]
 
 
 class Comparer:

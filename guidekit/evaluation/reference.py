@@ -11,7 +11,10 @@ File layout (``.npz``, readable with ``np.load(path)`` and no pickle):
     density/coverage and KID need them, FID does not.
 ``identity``
     optional 0-d unicode array holding the JSON of the feature network's
-    :meth:`~guidekit.evaluation.features.FeatureNetwork.identity`.
+    :meth:`~guidekit.evaluation.features.FeatureNetwork.identity` (name, dimension, preprocessing, weights hash).
+``source``
+    optional 0-d unicode array holding the JSON of where the images came from: ``kind`` (``default``, ``folder``,
+    ``npz`` or ``statistics``), ``path`` and ``images`` (how many; ``None`` when only statistics were copied).
 
 ``mu`` and ``sigma`` are the names ADM's evaluator, pytorch-fid and clean-fid use, so their statistics files
 load as they are (without ``identity``: the network cannot be checked). :func:`load_reference` also accepts a
@@ -19,6 +22,9 @@ file with ``features`` only (the statistics are then computed from them) and, gi
 only ADM's ``arr_0`` images (uint8 NHWC), whose features it computes. Other keys (ADM's ``mu_s``, ``sigma_s``,
 ``arr_1`` labels) are ignored. Statistics are accumulated in float64
 (:class:`~guidekit.evaluation.stats.RunningStatistics`).
+
+:func:`reference_from_source` builds a reference from what ``guidekit reference --from`` names: ``default`` (the
+embedded default model's held-out images, :data:`DEFAULT_HELD_OUT`), an image folder, or an ``.npz`` file.
 """
 
 from __future__ import annotations
@@ -40,11 +46,14 @@ from guidekit.evaluation.stats import RunningStatistics
 from guidekit.validation import check_int
 
 __all__ = [
+    "DEFAULT_HELD_OUT",
+    "DEFAULT_SOURCE",
     "IMAGE_EXTENSIONS",
     "ReferenceStatistics",
     "load_reference",
     "reference_from_folder",
     "reference_from_npz_images",
+    "reference_from_source",
     "save_reference",
 ]
 
@@ -52,17 +61,24 @@ __all__ = [
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 #: Identity entries that must agree between a reference file and the network it is used with.
 _CHECKED_IDENTITY = ("name", "dim", "preprocessing", "sha256")
+#: The source name of the embedded default model's held-out images.
+DEFAULT_SOURCE = "default"
+#: The embedded default model's held-out images (360 coloured 8x8 digits) in ADM's batch layout: ``arr_0`` uint8
+#: NHWC images, ``arr_1`` their labels; written by scripts/model_card.py, whose FID column is measured against them.
+DEFAULT_HELD_OUT = Path(__file__).resolve().parents[1] / "app" / "default_model" / "held_out.npz"
 
 
 @dataclass
 class ReferenceStatistics:
     """Gaussian statistics of reference features: ``mu`` ``(D,)``, ``sigma`` ``(D, D)`` (float64), optional
-    ``features`` ``(N, D)`` (float32) and the ``identity`` of the network that made them (None if unknown)."""
+    ``features`` ``(N, D)`` (float32), the ``identity`` of the network that made them and the ``source`` of the
+    images (each None if unknown)."""
 
     mu: np.ndarray
     sigma: np.ndarray
     features: np.ndarray | None = None
     identity: dict[str, Any] | None = None
+    source: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.mu = np.asarray(self.mu, dtype=np.float64)
@@ -79,8 +95,9 @@ class ReferenceStatistics:
                 raise ValueError(f"features of shape {self.features.shape} are not accepted; expected (N, {self.dim})")
             if not np.isfinite(self.features).all():
                 raise ValueError("features holding NaN or infinite values are not accepted; expected finite values")
-        if self.identity is not None and not isinstance(self.identity, dict):
-            raise TypeError(f"identity of type {type(self.identity).__name__} is not accepted; expected a dict")
+        for key, value in (("identity", self.identity), ("source", self.source)):
+            if value is not None and not isinstance(value, dict):
+                raise TypeError(f"{key} of type {type(value).__name__} is not accepted; expected a dict")
 
     @property
     def dim(self) -> int:
@@ -88,14 +105,14 @@ class ReferenceStatistics:
         return len(self.mu)
 
     @classmethod
-    def from_features(cls, features: Any, identity: dict[str, Any] | None = None, *,
-                      keep_features: bool = True) -> ReferenceStatistics:
+    def from_features(cls, features: Any, identity: dict[str, Any] | None = None, *, keep_features: bool = True,
+                      source: dict[str, Any] | None = None) -> ReferenceStatistics:
         """Statistics of ``features`` ``(N, D)`` (N >= 2), keeping the features unless ``keep_features=False``."""
         array = np.asarray(features, dtype=np.float32)
         if array.ndim != 2 or len(array) < 2:
             raise ValueError(f"features of shape {array.shape} are not accepted; expected (N, D) with N >= 2")
         stats = RunningStatistics(array.shape[1]).update(array)
-        return cls(stats.mean, stats.covariance, array if keep_features else None, identity)
+        return cls(stats.mean, stats.covariance, array if keep_features else None, identity, source)
 
 
 def _open_npz(path: str | Path, what: str) -> tuple[Path, Any]:
@@ -120,18 +137,18 @@ def _read(archive: Any, key: str, path: Path) -> np.ndarray:
         raise ValueError(f"reference file {str(path)!r} is not accepted; its array {key!r} is corrupt ({exc})") from exc
 
 
-def _parse_identity(archive: Any, path: Path) -> dict[str, Any] | None:
-    if "identity" not in archive.files:
+def _parse_json(archive: Any, key: str, path: Path) -> dict[str, Any] | None:
+    """The JSON object stored as the 0-d string ``key`` (``identity``, ``source``), or None if absent."""
+    if key not in archive.files:
         return None
-    raw = _read(archive, "identity", path)
+    raw = _read(archive, key, path)
     try:
-        identity = json.loads(str(raw[()]))
+        value = json.loads(str(raw[()]))
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"reference file {str(path)!r} is not accepted; its identity entry is not JSON "
-                         f"({exc})") from exc
-    if not isinstance(identity, dict):
-        raise ValueError(f"reference file {str(path)!r} is not accepted; its identity entry is not a JSON object")
-    return identity
+        raise ValueError(f"reference file {str(path)!r} is not accepted; its {key} entry is not JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"reference file {str(path)!r} is not accepted; its {key} entry is not a JSON object")
+    return value
 
 
 def _images(archive: Any, path: Path) -> np.ndarray:
@@ -160,7 +177,8 @@ def load_reference(path: str | Path, expected_dim: int | None = None, *, network
     file, archive = _open_npz(path, "path")
     with archive:
         keys = set(archive.files)
-        identity = _parse_identity(archive, file)
+        identity = _parse_json(archive, "identity", file)
+        source = _parse_json(archive, "source", file)
         if ("mu" in keys) != ("sigma" in keys):
             present, absent = ("mu", "sigma") if "mu" in keys else ("sigma", "mu")
             raise ValueError(f"reference file {str(file)!r} is not accepted; it has {present!r} but not {absent!r}")
@@ -168,19 +186,20 @@ def load_reference(path: str | Path, expected_dim: int | None = None, *, network
         if "mu" in keys:
             try:
                 reference = ReferenceStatistics(_read(archive, "mu", file), _read(archive, "sigma", file), features,
-                                                identity)
+                                                identity, source)
             except (ValueError, TypeError) as exc:
                 raise ValueError(f"reference file {str(file)!r} is not accepted: {exc}") from exc
         elif features is not None:
             try:
-                reference = ReferenceStatistics.from_features(features, identity)
+                reference = ReferenceStatistics.from_features(features, identity, source=source)
             except ValueError as exc:
                 raise ValueError(f"reference file {str(file)!r} is not accepted: {exc}") from exc
         elif "arr_0" in keys:
             if network is None:
                 raise ValueError(f"reference file {str(file)!r} holds images (arr_0) but no statistics; pass "
                                  "network= to compute their features, or use reference_from_npz_images")
-            reference = _from_images(_images(archive, file), network, batch_size, keep_features=True)
+            reference = _from_images(_images(archive, file), network, batch_size, True,
+                                     {"kind": "npz", "path": str(file)})
         else:
             raise ValueError(f"reference file {str(file)!r} is not accepted; it has keys {sorted(keys)}, expected "
                              "mu and sigma (ADM / pytorch-fid / clean-fid layout), features, or arr_0 images")
@@ -213,8 +232,9 @@ def save_reference(path: str | Path, reference: ReferenceStatistics) -> Path:
     arrays: dict[str, np.ndarray] = {"mu": reference.mu.astype(np.float64), "sigma": reference.sigma.astype(np.float64)}
     if reference.features is not None:
         arrays["features"] = reference.features.astype(np.float32)
-    if reference.identity is not None:
-        arrays["identity"] = np.array(json.dumps(reference.identity, sort_keys=True))
+    for key, value in (("identity", reference.identity), ("source", reference.source)):
+        if value is not None:
+            arrays[key] = np.array(json.dumps(value, sort_keys=True))
     partial = file.with_name(f".{file.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         with open(partial, "xb") as handle:
@@ -225,14 +245,16 @@ def save_reference(path: str | Path, reference: ReferenceStatistics) -> Path:
     return file
 
 
-def _from_images(images: np.ndarray, network: FeatureNetwork, batch_size: int,
-                 keep_features: bool) -> ReferenceStatistics:
+def _from_images(images: np.ndarray, network: FeatureNetwork, batch_size: int, keep_features: bool,
+                 source: dict[str, Any]) -> ReferenceStatistics:
     """Statistics of a uint8 NHWC array, ``batch_size`` images at a time."""
     return _accumulate((images[i:i + batch_size] for i in range(0, len(images), batch_size)), network,
-                       keep_features)
+                       keep_features, source)
 
 
-def _accumulate(batches: Iterator[np.ndarray], network: FeatureNetwork, keep_features: bool) -> ReferenceStatistics:
+def _accumulate(batches: Iterator[np.ndarray], network: FeatureNetwork, keep_features: bool,
+                source: dict[str, Any]) -> ReferenceStatistics:
+    """Statistics of the features of ``batches``; ``source`` is recorded with the number of images added."""
     stats = RunningStatistics(network.dim)
     kept = []
     for batch in batches:
@@ -243,21 +265,28 @@ def _accumulate(batches: Iterator[np.ndarray], network: FeatureNetwork, keep_fea
     if stats.count < 2:
         raise ValueError(f"{stats.count} reference image(s) are not accepted; expected at least 2")
     return ReferenceStatistics(stats.mean, stats.covariance, np.concatenate(kept) if keep_features else None,
-                               network.identity())
+                               network.identity(), {**source, "images": stats.count})
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None:
+        check_int("limit", limit, low=1)
 
 
 def reference_from_npz_images(path: str | Path, network: FeatureNetwork, batch_size: int = 256, *,
-                              keep_features: bool = True) -> ReferenceStatistics:
-    """Reference statistics of the ``arr_0`` images (uint8 NHWC) of an ADM sample or reference batch ``.npz``,
-    computed with ``network``; stored ``mu``/``sigma`` in the file are ignored."""
+                              keep_features: bool = True, limit: int | None = None) -> ReferenceStatistics:
+    """Reference statistics of the ``arr_0`` images (uint8 NHWC) of an ADM sample or reference batch ``.npz``
+    (the first ``limit`` of them, if given), computed with ``network``; stored ``mu``/``sigma`` in the file are
+    ignored."""
     check_int("batch_size", batch_size, low=1)
+    _check_limit(limit)
     file, archive = _open_npz(path, "path")
     with archive:
         if "arr_0" not in archive.files:
             raise ValueError(f"path={str(path)!r} is not accepted; it has keys {sorted(archive.files)}, expected "
                              "arr_0 (uint8 images N x H x W x 3)")
-        images = _images(archive, file)
-    return _from_images(images, network, batch_size, keep_features)
+        images = _images(archive, file)[:limit]
+    return _from_images(images, network, batch_size, keep_features, {"kind": "npz", "path": str(file)})
 
 
 def _folder_images(folder: Path) -> list[Path]:
@@ -287,15 +316,16 @@ def _same_size_runs(files: list[Path], batch_size: int) -> Iterator[np.ndarray]:
 
 
 def reference_from_folder(folder: str | Path, network: FeatureNetwork, batch_size: int = 256, *,
-                          keep_features: bool = True) -> ReferenceStatistics:
-    """Reference statistics of every PNG, JPEG and WebP image under ``folder`` (recursively), computed with
-    ``network``.
+                          keep_features: bool = True, limit: int | None = None) -> ReferenceStatistics:
+    """Reference statistics of every PNG, JPEG and WebP image under ``folder`` (recursively; the first ``limit``
+    of them, if given), computed with ``network``.
 
     Files are read in sorted order of their path relative to ``folder`` (so ``features`` rows follow it),
     converted to RGB with PIL and passed to the network ``batch_size`` at a time; images may differ in size
     (the network's preprocessing resizes them).
     """
     check_int("batch_size", batch_size, low=1)
+    _check_limit(limit)
     directory = Path(folder).expanduser()
     if not directory.is_dir():
         raise FileNotFoundError(f"folder={str(folder)!r} is not accepted; no such directory")
@@ -303,4 +333,60 @@ def reference_from_folder(folder: str | Path, network: FeatureNetwork, batch_siz
     if len(files) < 2:
         raise ValueError(f"folder={str(folder)!r} is not accepted; it holds {len(files)} image(s) with endings "
                          f"{IMAGE_EXTENSIONS}, expected at least 2")
-    return _accumulate(_same_size_runs(files, batch_size), network, keep_features)
+    return _accumulate(_same_size_runs(files[:limit], batch_size), network, keep_features,
+                       {"kind": "folder", "path": str(directory)})
+
+
+def reference_from_source(source: str, network: FeatureNetwork, batch_size: int = 256, *,
+                          keep_features: bool = True, limit: int | None = None) -> ReferenceStatistics:
+    """Reference statistics of what ``source`` names (``guidekit reference --from``), for ``network``.
+
+    * ``"default"``: the embedded default model's held-out images (:data:`DEFAULT_HELD_OUT`), through
+      :func:`reference_from_npz_images`;
+    * a directory: :func:`reference_from_folder`;
+    * an ``.npz`` file with ADM's ``arr_0`` images: :func:`reference_from_npz_images` (stored statistics ignored);
+    * an ``.npz`` file with ``mu``/``sigma`` and/or ``features`` only (ADM, pytorch-fid, clean-fid or guidekit
+      statistics): read by :func:`load_reference` with ``network``, which checks shapes, values, the dimension and,
+      where the file records one, the network identity; the statistics are kept as they are (no identity is added
+      to a file without one). ``limit`` is refused for such a file.
+
+    ``limit`` keeps the first images in file order; ``keep_features=False`` keeps ``mu`` and ``sigma`` only. The
+    result's ``source`` records the kind (``default``, ``folder``, ``npz`` or ``statistics``), the path and the
+    number of images (``None`` for statistics without features).
+
+    Raises:
+        FileNotFoundError: ``source`` is neither ``"default"`` nor an existing file or directory, or the held-out
+            images are missing.
+        ValueError: an unreadable or malformed source, fewer than 2 images, or statistics that do not fit
+            ``network``.
+    """
+    check_int("batch_size", batch_size, low=1)
+    _check_limit(limit)
+    if source == DEFAULT_SOURCE:
+        if not DEFAULT_HELD_OUT.is_file():
+            raise FileNotFoundError(f"source={source!r} is not accepted; the embedded model's held-out images are "
+                                    f"missing from {DEFAULT_HELD_OUT} (python scripts/model_card.py writes them)")
+        reference = reference_from_npz_images(DEFAULT_HELD_OUT, network, batch_size, keep_features=keep_features,
+                                              limit=limit)
+        reference.source = {**(reference.source or {}), "kind": "default", "path": DEFAULT_SOURCE}
+        return reference
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return reference_from_folder(path, network, batch_size, keep_features=keep_features, limit=limit)
+    if not path.is_file():
+        raise FileNotFoundError(f"source={source!r} is not accepted; no such file or directory (expected "
+                                f"{DEFAULT_SOURCE!r}, an image folder or an .npz file)")
+    file, archive = _open_npz(path, "source")
+    with archive:
+        has_images = "arr_0" in archive.files
+    if has_images:
+        return reference_from_npz_images(file, network, batch_size, keep_features=keep_features, limit=limit)
+    if limit is not None:
+        raise ValueError(f"limit={limit} is not accepted with source={source!r}, which holds statistics, not "
+                         "images; expected no limit")
+    reference = load_reference(file, network=network)
+    count = None if reference.features is None else len(reference.features)
+    if not keep_features:
+        reference.features = None
+    reference.source = reference.source or {"kind": "statistics", "path": str(file), "images": count}
+    return reference

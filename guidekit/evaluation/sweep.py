@@ -28,11 +28,22 @@ COLUMNS = ("method", "weight", "scheduler", "steps", "guidance", "nfe_per_image"
 
 
 def load_sweep(path: str | Path) -> dict[str, Any]:
+    """The sweep file's JSON object; a one-line ``ValueError`` if a key is missing, if ``methods``, ``weights`` or a
+    given ``schedulers`` or ``steps`` is empty or not a list (an object for ``methods``), or if a method lacks
+    ``{w}``."""
     sweep = read_json_object(path, "sweep")
     for key in ("output_dir", "base", "methods", "weights"):
         if key not in sweep:
             raise ValueError(f"sweep={str(path)!r} is not accepted; it lacks {key!r} (expected output_dir, base, "
                              "methods, weights, and optionally schedulers and steps)")
+    for key in ("methods", "weights", "schedulers", "steps"):
+        value = sweep.get(key)
+        if value is None and key in ("schedulers", "steps"):
+            continue  # optional: the base run's
+        if not isinstance(value, dict if key == "methods" else list) or not value:
+            kind = "object of name: guidance text" if key == "methods" else "list"
+            raise ValueError(f"{key}={value!r} is not accepted; expected a non-empty JSON {kind} (an empty one makes "
+                             "no runs)")
     bad = [name for name, text in sweep["methods"].items() if "{w}" not in text]
     if bad:
         raise ValueError(f"methods {bad} are not accepted; each guidance text needs a '{{w}}' for the weight")
@@ -85,29 +96,61 @@ def _cell(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+#: The plots: file name -> (x key, y key, x label, y label, the keys of a row that make its line, the key whose
+#: order the points of a line follow, the key each point is labelled with or None).
+PLOTS: dict[str, tuple[str, str, str, str, tuple[str, ...], str, str | None]] = {
+    "fid_vs_weight.png": ("weight", "fid", "guidance weight w", "FID", ("method", "scheduler", "steps"), "weight",
+                          None),
+    "precision_vs_recall.png": ("recall", "precision", "recall", "precision", ("method", "scheduler", "steps"),
+                                "weight", "weight"),
+    "fid_vs_nfe.png": ("nfe_per_image", "fid", "NFE per image", "FID", ("method", "weight", "scheduler"),
+                       "nfe_per_image", "steps"),
+}
+
+
+def _describe(row: dict[str, Any], key: str) -> str:
+    return {"weight": f"w={row['weight']:g}", "steps": f"{row['steps']} steps"}.get(key, str(row[key]))
+
+
+def sweep_series(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple[float, float, str]]]]:
+    """What each plot draws: ``{plot file: {line label: [(x, y, note), ...]}}``, for the plots whose metrics the
+    rows have.
+
+    A line holds the rows that agree on the plot's line keys (:data:`PLOTS`): FID against weight and precision
+    against recall draw one line per method, scheduler and step count, precision-recall points in order of weight
+    and each labelled with it; FID against NFE draws one line per method, weight and scheduler, its points in order
+    of NFE and labelled with their steps (one line per method alone would join the weights at one NFE into vertical
+    segments)."""
+    out: dict[str, dict[str, list[tuple[float, float, str]]]] = {}
+    for name, (x, y, _, _, keys, order, note) in PLOTS.items():
+        lines: dict[str, list[tuple[float, float, float, str]]] = {}
+        for r in rows:
+            if x in r and y in r:
+                label = " / ".join(_describe(r, k) for k in keys)
+                lines.setdefault(label, []).append((float(r[order]), float(r[x]), float(r[y]),
+                                                    "" if note is None else _describe(r, note)))
+        if lines:
+            out[name] = {label: [(px, py, text) for _, px, py, text in sorted(points)]
+                         for label, points in lines.items()}
+    return out
+
+
 def plot_sweep(rows: list[dict[str, Any]], out: Path) -> None:
-    """FID against weight, precision against recall, FID against NFE (where those metrics exist)."""
+    """Write the plots of :func:`sweep_series` (where their metrics exist) into ``out``, each point labelled with its
+    note."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def series(key_x: str, key_y: str) -> dict[str, list[tuple[float, float]]]:
-        groups: dict[str, list[tuple[float, float]]] = {}
-        for r in rows:
-            if key_x in r and key_y in r:
-                groups.setdefault(f"{r['method']} / {r['scheduler']}", []).append((r[key_x], r[key_y]))
-        return {k: sorted(v) for k, v in groups.items()}
-
-    for name, (x, y, xlabel, ylabel) in {"fid_vs_weight.png": ("weight", "fid", "guidance weight w", "FID"),
-                                         "precision_vs_recall.png": ("recall", "precision", "recall", "precision"),
-                                         "fid_vs_nfe.png": ("nfe_per_image", "fid", "NFE per image", "FID")}.items():
-        groups = series(x, y)
-        if not groups:
-            continue
+    for name, lines in sweep_series(rows).items():
+        _, _, xlabel, ylabel, *_ = PLOTS[name]
         fig, ax = plt.subplots(figsize=(6, 4.5))
-        for label, points in groups.items():
-            ax.plot(*zip(*points, strict=True), marker="o", label=label)
+        for label, points in lines.items():
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            for px, py, note in points:
+                if note:
+                    ax.annotate(note, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set(xlabel=xlabel, ylabel=ylabel)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
