@@ -22,15 +22,16 @@ import functools
 import inspect
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from diffusers import DiffusionPipeline
 
 from guidekit.bridge.families import Family, family_of_class
+from guidekit.bridge.perturb import perturbation_processors, resolve_layers
 from guidekit.bridge.proxy import GuidanceStats, GuidedDenoiser, is_compiled
 from guidekit.bridge.schedulers import _is_flow, check_scheduler
-from guidekit.guidance.base import UNCOND, BringsSampler, Guidance
+from guidekit.guidance.base import UNCOND, BringsSampler, Guidance, IdentitySelfAttention, Pass
 from guidekit.guidance.spec import parse_guidance
 from guidekit.samplers.protocols import ReportsCalls
 
@@ -84,6 +85,27 @@ def _make_guided_class(cls: type) -> type:
     })
 
 
+def _perturbed_pass(pipe: DiffusionPipeline, family: Family, guidance: Guidance) -> Pass | None:
+    """The one perturbed pass ``guidance`` may ask for, its layers checked against the pipeline's denoiser, or
+    ``None``; a ``ValueError`` naming ``guidance`` for passes this bridge does not evaluate."""
+    perturbed = [p for p in guidance.passes() if p.perturbation is not None]
+    unsupported = [p for p in guidance.passes() - _SUPPORTED_PASSES
+                   if not isinstance(p.perturbation, IdentitySelfAttention)]
+    if unsupported or len(perturbed) > 1:
+        raise ValueError(f"guidance={guidance!r} is not accepted; it asks for the passes "
+                         f"{', '.join(sorted(p.name for p in guidance.passes()))}, and this bridge evaluates "
+                         f"{', '.join(sorted(p.name for p in _SUPPORTED_PASSES))} and at most one perturbed pass "
+                         "(identity self-attention) beside the conditional one")
+    if not perturbed:
+        return None
+    if family.separate_calls:
+        raise ValueError(f"guidance={guidance!r} is not accepted for {type(pipe).__name__}; perturbed passes run in "
+                         "pipelines that batch their conditional and unconditional rows in one forward (SD, SDXL, "
+                         "SD3, PixArt, DiT families), not in separate-call ones")
+    resolve_layers(getattr(pipe, family.denoiser), perturbed[0].perturbation.layers)  # type: ignore[union-attr]
+    return perturbed[0]
+
+
 def set_guidance(pipe: DiffusionPipeline, guidance: Guidance | str | None) -> DiffusionPipeline:
     """Attach ``guidance`` (an object or its text form) to ``pipe``, or detach with ``None``.
 
@@ -102,12 +124,8 @@ def set_guidance(pipe: DiffusionPipeline, guidance: Guidance | str | None) -> Di
     if not isinstance(guidance, Guidance):
         raise TypeError(f"guidance={guidance!r} is not accepted; expected a guidekit guidance, its text form "
                         "or None")
-    unsupported = guidance.passes() - _SUPPORTED_PASSES
-    if unsupported:
-        raise ValueError(f"guidance={guidance!r} is not accepted; it asks for the passes "
-                         f"{', '.join(sorted(p.name for p in unsupported))}, and this bridge evaluates "
-                         f"{', '.join(sorted(p.name for p in _SUPPORTED_PASSES))} beside the conditional one")
-    family_of_class(type(pipe))
+    family = family_of_class(type(pipe))
+    _perturbed_pass(pipe, family, guidance)
     original_scheduler = pipe.__dict__.get("_guidekit_scheduler", pipe.scheduler)
     sampler = _own_sampler(guidance, original_scheduler)
     _restore_scheduler(pipe)
@@ -165,8 +183,13 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, bound: inspect.Bou
     proxy = GuidedDenoiser(denoiser.forward, guidance, family, pipe.scheduler, batched,
                            float(bound.arguments.get(family.scale_arg) or 1.0), compiled=is_compiled(denoiser))
     denoiser.forward = proxy
+    proxy.perturbed = _perturbed_pass(pipe, family, guidance)
     try:
-        output = original_call(pipe, *args, **kwargs)
+        with ExitStack() as perturbing:
+            if proxy.perturbed is not None:
+                proxy.processors = perturbing.enter_context(
+                    perturbation_processors(denoiser, proxy.perturbed.perturbation))  # type: ignore[arg-type]
+            output = original_call(pipe, *args, **kwargs)
     finally:
         if had_forward:
             denoiser.forward = saved_forward

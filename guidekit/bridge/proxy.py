@@ -24,7 +24,7 @@ import torch
 
 from guidekit.bridge.families import Family
 from guidekit.bridge.schedulers import SchedulerReader, model_space
-from guidekit.guidance.base import COND, UNCOND, Guidance, GuidanceContext, apply_guidance
+from guidekit.guidance.base import COND, UNCOND, Guidance, GuidanceContext, Pass, PassMasks, apply_guidance
 from guidekit.guidance.spec import format_guidance
 from guidekit.samplers.protocols import TakesUnconditional
 
@@ -158,17 +158,22 @@ class GuidedDenoiser:
         self._space = model_space(scheduler)
         self._step_sigma = float("nan")
         self._tau = float("nan")
-        self._pending: tuple[GuidanceContext, torch.Tensor, torch.Tensor, Any] | None = None
+        self._pending: tuple[GuidanceContext, PassMasks, torch.Tensor, Any] | None = None
         # A sampler that renoises with the unconditional prediction (CFG++) receives it at every call.
         self._receiver = scheduler if isinstance(scheduler, TakesUnconditional) else None
+        #: The perturbed pass the guidance may ask for, and the attention processors that apply it to the last rows
+        #: of a forward (set by the bridge for the pipeline call; see :mod:`guidekit.bridge.perturb`).
+        self.perturbed: Pass | None = None
+        self.processors: list[Any] = []
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.family.separate_calls and self.batched:
             return self._separate_call(args, kwargs)
         return self._batched_call(args, kwargs)
 
-    def _begin(self, sample: torch.Tensor, timestep: Any, b: int) -> tuple[GuidanceContext, torch.Tensor]:
-        """Read the scheduler, advance the solver step, and ask which samples need unconditional rows."""
+    def _begin(self, sample: torch.Tensor, timestep: Any, b: int) -> tuple[GuidanceContext, PassMasks]:
+        """Read the scheduler, advance the solver step, and ask which samples need which passes (unconditional rows
+        only when the pipeline evaluates them at all)."""
         if self._reader is None:  # first call: the pipeline has set its timesteps
             self._reader = SchedulerReader(self.scheduler)
             self._rows = torch.arange(b)
@@ -182,24 +187,28 @@ class GuidedDenoiser:
         ctx = GuidanceContext(x=sample, level=state.level, model_space=self._space, step=state.step,
                               num_steps=state.num_steps, step_sigma=self._step_sigma, tau=self._tau,
                               corrector=state.corrector, rows=self._rows, batch_size=b)
-        if not self.batched:
-            return ctx, torch.zeros(b, dtype=torch.bool)
-        guided = self.guidance.needs(ctx, self.state).get(UNCOND)
-        return ctx, torch.zeros(b, dtype=torch.bool) if guided is None else guided
+        masks = dict(self.guidance.needs(ctx, self.state))
+        if not self.batched or UNCOND not in masks:
+            masks[UNCOND] = torch.zeros(b, dtype=torch.bool)
+        return ctx, masks
 
-    def _combine(self, ctx: GuidanceContext, cond: torch.Tensor, uncond: torch.Tensor, guided: torch.Tensor,
-                 n_guided: int) -> torch.Tensor:
+    def _combine(self, ctx: GuidanceContext, cond: torch.Tensor, extra: dict[Pass, torch.Tensor],
+                 masks: PassMasks) -> torch.Tensor:
         """Guided prediction of the guided channels (the first ``x`` channels; any further output channels are
-        learned variance, which the caller passes through from the conditional rows)."""
-        self._count(guided, n_guided)
+        learned variance, which the caller passes through from the conditional rows). ``extra`` holds, per pass
+        of ``masks``, the rows of the samples whose mask is set."""
+        guided = masks[UNCOND]
+        n_guided = len(extra[UNCOND])
+        self._count(masks)
         if self._channels is None:
             self._channels = min(ctx.x.shape[1], cond.shape[1])
         c = self._channels
         if ctx.x.shape[1] != c:
             ctx = replace(ctx, x=ctx.x[:, :c])
         if cond.shape[1] != c:
-            cond, uncond = cond[:, :c], uncond[:, :c]
-        pred = apply_guidance(self.guidance, cond, {UNCOND: uncond}, {UNCOND: guided}, ctx, self.state)
+            cond, extra = cond[:, :c], {p: v[:, :c] for p, v in extra.items()}
+        uncond = extra[UNCOND]
+        pred = apply_guidance(self.guidance, cond, extra, masks, ctx, self.state)
         self._finite.append((ctx.step, ctx.sigma, torch.isfinite(pred).all()))  # read once, after the call
         if self._receiver is not None:  # samples without an unconditional row pass their conditional one
             if n_guided != len(guided):
@@ -227,25 +236,32 @@ class GuidedDenoiser:
         b = n // 2 if self.batched else n
         first, second = slice(0, b), slice(b, n)
         cond_rows, uncond_rows = (first, second) if self.family.cond_first or not self.batched else (second, first)
-        ctx, guided = self._begin(sample[cond_rows], timestep, b)
+        ctx, masks = self._begin(sample[cond_rows], timestep, b)
+        guided = masks[UNCOND]
         n_guided = sum(guided.tolist())  # cheaper than a tensor reduction for a small CPU mask
-        if n_guided == b and self.batched:  # every row, in the pipeline's own batch: native arithmetic
+        perturbed = masks.get(self.perturbed) if self.perturbed is not None else None
+        n_perturbed = 0 if perturbed is None else sum(perturbed.tolist())
+        if n_guided == b and self.batched and n_perturbed == 0:  # the pipeline's own batch: native arithmetic
             result = self._forward(*args, **kwargs)
             out = _output_tensor(result)
             cond = out[cond_rows]
-            pred = self._full(self._combine(ctx, cond, out[uncond_rows], guided, n_guided), cond)
+            pred = self._full(self._combine(ctx, cond, {UNCOND: out[uncond_rows]}, masks), cond)
             return _with_output(result, torch.cat([pred, pred]))  # never written into the network's buffer
-        if n_guided == 0:
-            index: slice | torch.Tensor = cond_rows
-        else:
-            keep = guided.nonzero().flatten() + uncond_rows.start
-            cond_idx = torch.arange(cond_rows.start, cond_rows.stop)
-            index = torch.cat([cond_idx, keep] if self.family.cond_first else [keep, cond_idx])
+        cond_idx = torch.arange(cond_rows.start, cond_rows.stop)
+        keep = guided.nonzero().flatten() + uncond_rows.start
+        parts = [cond_idx, keep] if self.family.cond_first else [keep, cond_idx]
+        if n_perturbed:  # [.. ; perturbed]: the conditional rows again, the last ones run perturbed
+            parts.append(perturbed.nonzero().flatten() + cond_rows.start)  # type: ignore[union-attr]
+        index: slice | torch.Tensor = cond_rows if n_guided == 0 and n_perturbed == 0 else torch.cat(parts)
         sub_args, sub_kwargs = self._select(args, kwargs, index, n)
-        result = self._forward(*sub_args, **sub_kwargs)
+        result = self._forward(*sub_args, **sub_kwargs, perturbed_rows=n_perturbed)
         out = _output_tensor(result)
-        cond, uncond = (out[:b], out[b:]) if self.family.cond_first else (out[n_guided:], out[:n_guided])
-        pred = self._full(self._combine(ctx, cond, uncond, guided, n_guided), cond)
+        main = out[:len(out) - n_perturbed]
+        cond, uncond = (main[:b], main[b:]) if self.family.cond_first else (main[n_guided:], main[:n_guided])
+        extra = {UNCOND: uncond}
+        if n_perturbed:
+            extra[self.perturbed] = out[len(out) - n_perturbed:]  # type: ignore[index]
+        pred = self._full(self._combine(ctx, cond, extra, masks), cond)
         return _with_output(result, torch.cat([pred, pred]) if self.batched else pred)
 
     def _separate_call(self, args: tuple, kwargs: dict) -> Any:
@@ -259,12 +275,13 @@ class GuidedDenoiser:
         sample, timestep = _sample_and_timestep(args, kwargs)
         b = sample.shape[0]
         if self._pending is None:
-            ctx, guided = self._begin(sample, timestep, b)
+            ctx, masks = self._begin(sample, timestep, b)
             result = self._forward(*args, **kwargs)
-            self._pending = (ctx, guided, _output_tensor(result), result)
+            self._pending = (ctx, masks, _output_tensor(result), result)
             return result
-        ctx, guided, cond, result = self._pending
+        ctx, masks, cond, result = self._pending
         self._pending = None
+        guided = masks[UNCOND]
         n_guided = sum(guided.tolist())
         if n_guided == b:
             uncond = _output_tensor(self._forward(*args, **kwargs))
@@ -273,7 +290,7 @@ class GuidedDenoiser:
             uncond = _output_tensor(self._forward(*sub_args, **sub_kwargs))
         else:
             uncond = cond[:0]
-        pred = self._full(self._combine(ctx, cond, uncond, guided, n_guided), cond)
+        pred = self._full(self._combine(ctx, cond, {UNCOND: uncond}, masks), cond)
         return _with_output(result, cond + (cond - pred) / (self.pipeline_scale - 1.0))
 
     def check_finite(self) -> None:
@@ -296,22 +313,39 @@ class GuidedDenoiser:
                          f"(sigma {sigma:.4g}); expected finite values: lower the weight, or check the model's own "
                          "predictions")
 
-    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+    def _forward(self, *args: Any, perturbed_rows: int = 0, **kwargs: Any) -> Any:
+        """One forward of the network; its last ``perturbed_rows`` rows run with the perturbed pass's change."""
         self.stats.model_calls += 1
-        if not self.compiled:
-            return self.forward(*args, **kwargs)
-        sample, _ = _sample_and_timestep(args, kwargs)
-        mark_batch_dynamic((args, kwargs), sample.shape[0])
-        with _size_oblivious():
-            return self.forward(*args, **kwargs)
+        for processor in self.processors:
+            processor.perturbed_rows = perturbed_rows
+        try:
+            if not self.compiled:
+                return self.forward(*args, **kwargs)
+            sample, _ = _sample_and_timestep(args, kwargs)
+            mark_batch_dynamic((args, kwargs), sample.shape[0])
+            with _size_oblivious():
+                return self.forward(*args, **kwargs)
+        finally:
+            for processor in self.processors:
+                processor.perturbed_rows = 0
 
-    def _count(self, guided: torch.Tensor, n_guided: int) -> None:
+    def _count(self, masks: PassMasks) -> None:
+        """Rows computed and skipped per pass. Skipped: unconditional rows when the pipeline batches them, and
+        perturbed rows the guidance may ask for (native PAG computes them at every call)."""
         s = self.stats
+        guided = masks[UNCOND]
         b = len(guided)
+        n_guided = sum(guided.tolist())
         s.computed[COND.name] += b
         s.computed[UNCOND.name] += n_guided
         if self.batched:
             s.skipped[UNCOND.name] += b - n_guided
+        if self.perturbed is not None:
+            mask = masks.get(self.perturbed)
+            done = 0 if mask is None else sum(mask.tolist())
+            name = self.perturbed.name
+            s.computed[name] = s.computed.get(name, 0) + done
+            s.skipped[name] = s.skipped.get(name, 0) + b - done
         if n_guided == b:
             s.uncond_rows_per_sample = [n + 1 for n in s.uncond_rows_per_sample]
         elif n_guided:

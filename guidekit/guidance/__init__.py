@@ -8,7 +8,10 @@ from guidekit.guidance.base import (
     BringsSampler,
     Guidance,
     GuidanceContext,
+    GuidanceSum,
+    IdentitySelfAttention,
     Pass,
+    Perturbation,
     TwoPassGuidance,
     apply_guidance,
 )
@@ -17,6 +20,7 @@ from guidekit.guidance.cfg_zero import CFGZeroStar
 from guidekit.guidance.cfgpp import CFGPP
 from guidekit.guidance.interval import Interval
 from guidekit.guidance.linear_ag import LinearAG, LinearAGFit, PredictionRecorder, fit_linear_ag
+from guidekit.guidance.pag import PAG
 from guidekit.guidance.pcg import PCG
 from guidekit.guidance.schedules import SCHEDULES, Scheduled, schedule_weight
 from guidekit.guidance.spec import GuidanceSyntaxError, format_guidance, parse_guidance
@@ -26,6 +30,7 @@ __all__ = [
     "CFG",
     "CFGPP",
     "COND",
+    "PAG",
     "PCG",
     "SCHEDULES",
     "UNCOND",
@@ -34,11 +39,14 @@ __all__ = [
     "CFGZeroStar",
     "Guidance",
     "GuidanceContext",
+    "GuidanceSum",
     "GuidanceSyntaxError",
+    "IdentitySelfAttention",
     "Interval",
     "LinearAG",
     "LinearAGFit",
     "Pass",
+    "Perturbation",
     "PredictionRecorder",
     "Scheduled",
     "TwoPassGuidance",

@@ -26,14 +26,42 @@ from guidekit.validation import check_number
 
 
 @dataclass(frozen=True)
+class Perturbation:
+    """A change of the network for the rows of one pass (a description only: the bridge applies it).
+
+    Subclasses are frozen dataclasses; :attr:`kind` names the change in pass names and messages."""
+
+    kind: ClassVar[str] = "perturbation"
+
+
+@dataclass(frozen=True)
+class IdentitySelfAttention(Perturbation):
+    """Self-attention replaced by the identity map in the named layers: the attention output of a token is its own
+    value vector, ``Attn(Q, K, V) = V`` (PAG, Ahn et al. 2024, eq. 6).
+
+    Attributes:
+        layers: layer patterns of the denoiser, matched to its self-attention modules by the bridge (``"mid"``,
+            ``"down_blocks.1"``, ``"transformer_blocks.7"``); a pattern matches whole dot-separated name parts.
+    """
+
+    layers: tuple[str, ...]
+
+    kind: ClassVar[str] = "identity_self_attention"
+
+
+@dataclass(frozen=True)
 class Pass:
     """A prediction of the denoiser that a guidance can ask for at a call.
 
     Attributes:
-        name: ``"cond"`` (the conditional prediction) or ``"uncond"`` (the negative prompt or null class).
+        name: ``"cond"`` (the conditional prediction), ``"uncond"`` (the negative prompt or null class), or the
+            name of a perturbed conditional pass (``"pag:mid"``).
+        perturbation: for a perturbed pass, the change of the network its rows run with; the conditioning is the
+            conditional pass's. ``None`` for ``cond`` and ``uncond``.
     """
 
     name: str
+    perturbation: Perturbation | None = None
 
 
 #: The conditional prediction; computed for every sample at every call.
@@ -106,6 +134,14 @@ class Guidance:
     (:meth:`needs`), and how the predictions combine (:meth:`guide`). Methods with per-call state override
     :meth:`init_state`.
     """
+
+    def __add__(self, other: object) -> Guidance:
+        """``a + b``: the :class:`GuidanceSum` of both (sums are flattened)."""
+        if not isinstance(other, Guidance):
+            return NotImplemented
+        left = self.terms if isinstance(self, GuidanceSum) else (self,)
+        right = other.terms if isinstance(other, GuidanceSum) else (other,)
+        return GuidanceSum((*left, *right))
 
     def passes(self) -> frozenset[Pass]:
         """Every pass beyond :data:`COND` that the method may ask for."""
@@ -316,3 +352,61 @@ class WrappedState:
 
     own: Any
     inner: Any
+
+
+@dataclass
+class SumState:
+    """Per-call state of a :class:`GuidanceSum`: each term's own state, and each term's pass masks of the current
+    call over the whole batch (set by :meth:`GuidanceSum.needs`, read by :meth:`GuidanceSum.guide`)."""
+
+    terms: list[Any]
+    masks: list[PassMasks]
+
+
+@dataclass(frozen=True)
+class GuidanceSum(Guidance):
+    """Guidance terms added: ``D = g_1 + sum_{i >= 2} (g_i - D_c)``, each ``g_i`` a term's guided prediction.
+
+    With ``g_i = D_c + Delta_i`` this is ``D_c + sum_i Delta_i``: ``CFG(5) + PAG(3)`` is
+    ``D_u + 5 (D_c - D_u) + 3 (D_c - D_p)``, diffusers' PAG rule (``pipelines/pag/pag_utils.py``) and the PAG
+    paper's eq. 9 with CFG. Each term sees only the passes it asked for at a call, so a wrapped term
+    (``Interval``, ``AdaptiveGuidance``) skips as it does alone, and a pass no term needs for a sample is not
+    computed for it. Written ``a + b`` in Python and in the text form.
+    """
+
+    terms: tuple[Guidance, ...]
+
+    def __post_init__(self) -> None:
+        terms = tuple(self.terms)
+        if len(terms) < 2 or not all(isinstance(t, Guidance) for t in terms):
+            raise TypeError(f"terms={terms!r} is not accepted; expected two or more guidekit guidances")
+        if any(isinstance(t, BringsSampler) for t in terms):
+            raise TypeError(f"terms={terms!r} is not accepted; a guidance that brings its own sampler (PCG, CFG++) "
+                            "does not add to others")
+        set_field(self, "terms", terms)
+
+    def passes(self) -> frozenset[Pass]:
+        return frozenset().union(*(t.passes() for t in self.terms))
+
+    def init_state(self, batch_size: int) -> SumState:
+        return SumState([t.init_state(batch_size) for t in self.terms], [])
+
+    def needs(self, ctx: GuidanceContext, state: SumState, scale: float | None = None) -> PassMasks:
+        state.masks = [t.needs(ctx, s) for t, s in zip(self.terms, state.terms, strict=True)]
+        union: PassMasks = {}
+        for masks in state.masks:
+            for p, m in masks.items():
+                union[p] = union[p] | m if p in union else m.clone()
+        return union
+
+    def guide(self, preds: Predictions, ctx: GuidanceContext, state: SumState, scale: float | None = None
+              ) -> torch.Tensor:
+        cond = preds[COND]
+        rows = ctx.rows  # positions in the batch, over which needs() made the masks
+        out = None
+        for term, term_state, masks in zip(self.terms, state.terms, state.masks, strict=True):
+            own = {p: m[rows] for p, m in masks.items()}
+            extra = {p: preds[p][m.to(cond.device)] for p, m in own.items() if bool(m.any())}
+            g = apply_guidance(term, cond, extra, own, ctx, term_state)
+            out = g if out is None else out + (g - cond)
+        return out  # type: ignore[return-value]

@@ -17,12 +17,13 @@ import math
 
 from guidekit.guidance.adaptive import AdaptiveGuidance
 from guidekit.guidance.apg import APG
-from guidekit.guidance.base import Guidance
+from guidekit.guidance.base import Guidance, GuidanceSum
 from guidekit.guidance.cfg import CFG
 from guidekit.guidance.cfg_zero import CFGZeroStar
 from guidekit.guidance.cfgpp import CFGPP
 from guidekit.guidance.interval import Interval
 from guidekit.guidance.linear_ag import LinearAG, LinearAGFit
+from guidekit.guidance.pag import PAG
 from guidekit.guidance.pcg import PCG
 from guidekit.guidance.schedules import Scheduled
 from guidekit.limits import MAX_GUIDANCE_CHARS, MAX_GUIDANCE_DEPTH, check_text, shorten
@@ -38,6 +39,7 @@ NAMES: dict[type[Guidance], str] = {
     PCG: "pcg",
     CFGPP: "cfgpp",
     LinearAG: "linear_ag",
+    PAG: "pag",
 }
 #: Values that are not guidance methods but appear as arguments of one.
 VALUES: dict[type, str] = {LinearAGFit: "linear_ag_fit"}
@@ -131,11 +133,21 @@ def parse_guidance(text: str) -> Guidance:
         raise _fail(text, too_deep) from None
     if _depth(tree) > MAX_GUIDANCE_DEPTH:
         raise _fail(text, too_deep)
-    if not isinstance(tree.body, ast.Call):
-        raise _fail(text, "it is not a call")
-    guidance = _call(tree.body, text)
+    return _guidance(tree.body, text)
+
+
+def _guidance(node: ast.expr, text: str) -> Guidance:
+    """A guidance call, or a sum of them (``cfg(scale=5) + pag(scale=3)``)."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        try:
+            return _guidance(node.left, text) + _guidance(node.right, text)
+        except TypeError as exc:
+            raise _fail(text, str(exc)) from None
+    if not isinstance(node, ast.Call):
+        raise _fail(text, "it is not a call or a sum of calls")
+    guidance = _call(node, text)
     if not isinstance(guidance, Guidance):
-        raise _fail(text, f"{tree.body.func.id!r} is not a guidance method")  # type: ignore[attr-defined]
+        raise _fail(text, f"{node.func.id!r} is not a guidance method")  # type: ignore[attr-defined]
     return guidance
 
 
@@ -160,6 +172,8 @@ def _format_call(name: str, value: object) -> str:
 
 def format_guidance(guidance: Guidance) -> str:
     """The text form of ``guidance``; :func:`parse_guidance` reads it back to an equal object."""
+    if isinstance(guidance, GuidanceSum):
+        return " + ".join(format_guidance(t) for t in guidance.terms)
     name = NAMES.get(type(guidance))
     if name is None:
         raise TypeError(f"guidance={guidance!r} has no text form; expected one of {', '.join(NAMES.values())}")

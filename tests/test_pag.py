@@ -1,0 +1,158 @@
+"""Perturbed-Attention Guidance: ``set_guidance(CFG(w) + PAG(s))`` against diffusers' own PAG pipelines.
+
+The oracle is diffusers: ``StableDiffusionPAGPipeline`` / ``StableDiffusionXLPAGPipeline`` built from the same
+components with ``pag_applied_layers=["mid"]`` compute ``u + w (c - u) + s (c - p)`` from one forward of
+``[uncond; cond; cond]`` with identity self-attention on the last part. Each comparison also checks that the plain
+pipeline (no PAG) is far from the oracle, so the equality is not one a no-op would pass.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_context
+from diffusers import FluxPipeline, StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline
+
+import guidekit
+from guidekit import CFG, PAG
+from guidekit.bridge.perturb import resolve_layers
+from guidekit.guidance.base import COND, UNCOND, GuidanceSum, apply_guidance
+from guidekit.guidance.spec import format_guidance, parse_guidance
+from guidekit.testing.tiny import build_tiny_pipeline, tiny_call_kwargs
+
+STEPS = 4
+PAG_PIPELINES = {"sd": StableDiffusionPAGPipeline, "sdxl": StableDiffusionXLPAGPipeline}
+
+
+@pytest.fixture(scope="module", params=list(PAG_PIPELINES))
+def pipes(request: pytest.FixtureRequest) -> tuple:
+    pipe = build_tiny_pipeline(request.param)
+    pipe.set_progress_bar_config(disable=True)
+    native = PAG_PIPELINES[request.param](**pipe.components, pag_applied_layers=["mid"])
+    native.set_progress_bar_config(disable=True)
+    return request.param, pipe, native
+
+
+def _run(pipe, family: str, **kwargs: object) -> torch.Tensor:
+    call = {**tiny_call_kwargs(family), "num_inference_steps": STEPS, "output_type": "pt", **kwargs}
+    return pipe(**call, generator=torch.Generator().manual_seed(0)).images
+
+
+@pytest.mark.parametrize(("guidance_scale", "pag_scale", "adaptive"), [(5.0, 3.0, 0.0), (5.0, 3.0, 0.005),
+                                                                      (1.0, 3.0, 0.0)])
+def test_cfg_plus_pag_equals_diffusers_pag_pipeline(pipes: tuple, guidance_scale: float, pag_scale: float,
+                                                    adaptive: float) -> None:
+    family, pipe, native = pipes
+    expected = _run(native, family, guidance_scale=guidance_scale, pag_scale=pag_scale, pag_adaptive_scale=adaptive)
+    plain = _run(pipe, family, guidance_scale=guidance_scale)
+    assert (plain - expected).abs().max() > 1e-2  # PAG changes the image: the oracle differs from the baseline
+    guidance = PAG(pag_scale, layers="mid", adaptive_scale=adaptive)
+    if guidance_scale > 1:
+        guidance = CFG(guidance_scale) + guidance
+    rows: list[int] = []
+    hook = pipe.unet.conv_in.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))  # real rows
+    try:
+        with guidekit.guided(pipe, guidance) as run:
+            ours = _run(pipe, family, guidance_scale=guidance_scale)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+    # The weight is 3 - a (1000 - t): with a = 0.005 it is 0 at the last two of the 4 DDIM steps (t = 251, 1).
+    perturbed = STEPS if adaptive == 0 else 2
+    cfg_rows = 2 if guidance_scale > 1 else 1
+    assert rows == [cfg_rows + 1] * perturbed + [cfg_rows] * (STEPS - perturbed)  # one forward per step
+    assert run.stats.computed == {"cond": STEPS, "uncond": STEPS if guidance_scale > 1 else 0, "pag:mid": perturbed}
+    assert run.stats.skipped["pag:mid"] == STEPS - perturbed
+
+
+def test_the_attention_processors_come_back_after_a_call_and_after_an_error(pipes: tuple) -> None:
+    family, pipe, _ = pipes
+    before = dict(pipe.unet.attn_processors)
+    seen: list[dict] = []
+
+    def fail_inside(_module: object, _args: object) -> None:  # at the second forward, processors installed
+        seen.append(dict(pipe.unet.attn_processors))
+        if len(seen) == 2:
+            raise RuntimeError("a failure inside the network")
+
+    with guidekit.guided(pipe, CFG(5) + PAG(3)):
+        _run(pipe, family, guidance_scale=5.0)
+        assert pipe.unet.attn_processors == before
+        hook = pipe.unet.conv_in.register_forward_pre_hook(fail_inside)
+        try:
+            with pytest.raises(RuntimeError, match="inside the network"):
+                _run(pipe, family, guidance_scale=5.0)
+        finally:
+            hook.remove()
+    assert seen[0] != before  # during the call the mid block's self-attention has guidekit's processor
+    assert pipe.unet.attn_processors == before
+
+
+def test_the_sum_is_cfg_plus_the_pag_difference_on_tensors() -> None:
+    ctx = make_context(torch.randn(3, 4, 8, 8))
+    c, u, p = (torch.randn(3, 4, 8, 8, dtype=torch.float64) for _ in range(3))
+    guidance = CFG(5) + PAG(3, layers=["mid", "up_blocks.0"])
+    perturbed = guidance.terms[1].perturbed
+    state = guidance.init_state(3)
+    masks = guidance.needs(ctx, state)
+    assert set(masks) == {UNCOND, perturbed} and all(bool(m.all()) for m in masks.values())
+    out = apply_guidance(guidance, c, {UNCOND: u, perturbed: p}, masks, ctx, state)
+    torch.testing.assert_close(out, u + 5 * (c - u) + 3 * (c - p), rtol=1e-12, atol=1e-12)
+    # Without the perturbed pass for the last sample, its PAG term adds nothing: plain CFG for it.
+    masks[perturbed][2] = False
+    state.masks[1][perturbed][2] = False
+    out = apply_guidance(guidance, c, {UNCOND: u, perturbed: p[:2]}, masks, ctx, state)
+    torch.testing.assert_close(out[2], u[2] + 5 * (c[2] - u[2]), rtol=1e-12, atol=1e-12)
+    assert COND not in masks
+
+
+def test_text_form_and_values() -> None:
+    guidance = CFG(5) + PAG(3, layers="mid", adaptive_scale=0.01)
+    text = format_guidance(guidance)
+    assert text == ("cfg(scale=5.0, rescale=0.0, rescale_space='v') + pag(scale=3.0, layers=['mid'], "
+                    "adaptive_scale=0.01)")
+    assert parse_guidance(text) == guidance and hash(parse_guidance(text)) == hash(guidance)
+    assert parse_guidance("cfg(5) + pag(2) + pag(1, layers='up_blocks.0')").terms[2].layers == ("up_blocks.0",)
+    assert isinstance(CFG(2) + (PAG(1) + PAG(2)), GuidanceSum) and len((CFG(2) + (PAG(1) + PAG(2))).terms) == 3
+    assert PAG(0).passes() == frozenset()
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: PAG(-1), r"^scale=-1 is not accepted"),
+    (lambda: PAG(3, layers=[]), r"^layers=\[\] is not accepted"),
+    (lambda: PAG(3, adaptive_scale=float("nan")), r"^adaptive_scale=nan is not accepted"),
+    (lambda: parse_guidance("cfg(5) + pcg(gamma=2)"), "does not add to others"),
+])
+def test_bad_values_are_refused_by_name(make, message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=message):
+        make()
+
+
+def test_layer_patterns_are_anchored_and_an_unknown_layer_lists_the_blocks(pipes: tuple) -> None:
+    _, pipe, _ = pipes
+    names = set(resolve_layers(pipe.unet, ("mid",)))
+    assert names and all(n.startswith("mid_block.") and n.endswith("attn1") for n in names)
+    assert not set(resolve_layers(pipe.unet, ("down_blocks.1",))) & set(resolve_layers(pipe.unet, ("mid",)))
+    with pytest.raises(ValueError, match=r"'down_block' matches no self-attention layer .* mid_block") as info:
+        pipe.set_guidance(PAG(3, layers="down_block"))
+    assert "\n" not in str(info.value)
+    pipe.set_guidance(None)
+
+
+def test_a_digit_pattern_does_not_match_a_longer_number() -> None:
+    class Blocks(torch.nn.Module):
+        def __init__(self) -> None:
+            from diffusers.models.attention_processor import Attention
+
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Attention(8, heads=1, dim_head=8) for _ in range(12)])
+
+    chosen = resolve_layers(Blocks(), ("blocks.1",))
+    assert list(chosen) == ["blocks.1"]  # not blocks.10 or blocks.11, which diffusers' regex also matches
+
+
+def test_a_separate_call_pipeline_refuses_a_perturbed_pass_by_name() -> None:
+    pipe = build_tiny_pipeline("flux")
+    assert isinstance(pipe, FluxPipeline)
+    with pytest.raises(ValueError, match=r"^guidance=.* is not accepted for FluxPipeline; perturbed passes run"):
+        pipe.set_guidance(PAG(3, layers="transformer_blocks.0"))
