@@ -156,3 +156,61 @@ def test_a_separate_call_pipeline_refuses_a_perturbed_pass_by_name() -> None:
     assert isinstance(pipe, FluxPipeline)
     with pytest.raises(ValueError, match=r"^guidance=.* is not accepted for FluxPipeline; perturbed passes run"):
         pipe.set_guidance(PAG(3, layers="transformer_blocks.0"))
+
+
+def _step_sigmas(pipe) -> torch.Tensor:
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(STEPS)
+    alphas = scheduler.alphas_cumprod[scheduler.timesteps.round().long()]
+    return ((1 - alphas) / alphas).sqrt()  # the EDM sigma of each step's timestep (Euler's own sigmas too)
+
+
+def _rows_per_forward(pipe, family: str, guidance: object) -> tuple[torch.Tensor, list[int], object]:
+    rows: list[int] = []
+    hook = pipe.unet.conv_in.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
+    try:
+        with guidekit.guided(pipe, guidance) as run:
+            images = _run(pipe, family, guidance_scale=5.0)
+    finally:
+        hook.remove()
+    return images, rows, run.stats
+
+
+def test_interval_pag_computes_perturbed_rows_inside_only_and_equals_diffusers_with_pag_stopped(
+        pipes: tuple) -> None:
+    family, pipe, native = pipes
+    sigmas = _step_sigmas(pipe)
+    lo = float(sigmas[1] + sigmas[2]) / 2  # steps 0 and 1 lie in (lo, inf], steps 2 and 3 below
+
+    def stop_pag_after_step_1(p, i: int, t: object, kwargs: dict) -> dict:
+        if i == 1:
+            # diffusers' PAG weight for the remaining steps (PAGMixin._get_pag_scale); not 0, which would make the
+            # pipeline drop the perturbed rows from its batch mid-call and fail; 1e-30 adds nothing in float32
+            p._pag_scale = 1e-30
+        return kwargs
+
+    expected = _run(native, family, guidance_scale=5.0, pag_scale=3.0, callback_on_step_end=stop_pag_after_step_1)
+    native._pag_scale = 3.0
+    full = _run(native, family, guidance_scale=5.0, pag_scale=3.0)
+    assert (full - expected).abs().max() > 1e-3  # stopping PAG after step 1 changes the image
+    images, rows, stats = _rows_per_forward(pipe, family, CFG(5) + guidekit.Interval(PAG(3), lo, float("inf")))
+    torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
+    assert rows == [3, 3, 2, 2]  # 3 rows per sample inside the interval, 2 outside
+    assert stats.computed["pag:mid"] == 2 and stats.skipped["pag:mid"] == 2
+    outside, rows, _ = _rows_per_forward(pipe, family, CFG(5) + guidekit.Interval(PAG(3), 1e6, float("inf")))
+    assert rows == [2] * STEPS
+    assert torch.equal(outside, _run(pipe, family, guidance_scale=5.0))  # the pipeline's own CFG, bitwise
+    around, _, _ = _rows_per_forward(pipe, family, guidekit.Interval(CFG(5) + PAG(3), lo, float("inf")))
+    assert rows == [2] * STEPS and (around - images).abs().max() > 1e-3  # around the sum, CFG stops too
+
+
+def test_adaptive_guidance_over_cfg_plus_pag_drops_both_extra_passes_of_a_switched_sample(pipes: tuple) -> None:
+    family, pipe, _ = pipes
+    sigmas = _step_sigmas(pipe)
+    # A tiny threshold: the predictions align at once, so each sample is guided at step 0 only.
+    images, rows, stats = _rows_per_forward(pipe, family, guidekit.AdaptiveGuidance(CFG(5) + PAG(3), threshold=1e-6))
+    assert rows == [3, 1, 1, 1]  # then the conditional row alone: neither the unconditional nor the perturbed one
+    assert stats.computed == {"cond": STEPS, "uncond": 1, "pag:mid": 1}
+    lo = float(sigmas[0] + sigmas[1]) / 2
+    first_step_only, _, _ = _rows_per_forward(pipe, family, guidekit.Interval(CFG(5) + PAG(3), lo, float("inf")))
+    assert torch.equal(images, first_step_only)

@@ -5,7 +5,8 @@ predictions is measured per sample (flattened). Guidance runs while ``gamma_t < 
 first step at which ``gamma_t >= gamma_bar`` the sample is switched to conditional-only for the rest
 of the pipeline call (the switch is permanent). The step that triggers the switch is still guided,
 and the switch takes effect at the next solver step, so both calls of a Heun step agree. Samples of
-a batch switch independently, and only the rows still guided are evaluated. The switches live in the per-call
+a batch switch independently, and only the rows still guided are evaluated; over a guidance with further passes
+(``CFG(5) + PAG(3)``) a switched sample drops all of them. The switches live in the per-call
 state (:class:`~guidekit.guidance.base.WrappedState`, ``own``: the last guided step of each sample).
 """
 
@@ -17,9 +18,13 @@ from typing import Any
 import torch
 
 from guidekit.guidance.base import (
+    COND,
+    UNCOND,
+    Guidance,
     GuidanceContext,
     GuidanceWrapper,
-    TwoPassGuidance,
+    PassMasks,
+    Predictions,
     WrappedState,
     per_sample_dot,
     per_sample_norm,
@@ -43,12 +48,15 @@ class AdaptiveGuidance(GuidanceWrapper):
         space: the prediction space of the cosine similarity (the paper's is ``"eps"``).
     """
 
-    inner: TwoPassGuidance
+    inner: Guidance
     threshold: float = 0.991
     space: str = "eps"
 
     def __post_init__(self) -> None:
-        self._check_inner()
+        self._check_inner(any_guidance=True)
+        if UNCOND not in self.inner.passes():
+            raise ValueError(f"inner={self.inner!r} is not accepted; AdaptiveGuidance measures the conditional and "
+                             "unconditional predictions, so the inner guidance must use the unconditional one")
         set_field(self, "threshold", check_number("threshold", self.threshold, low=0.0, high=1.0, low_open=True))
         check_space("space", self.space)
 
@@ -69,11 +77,29 @@ class AdaptiveGuidance(GuidanceWrapper):
 
     def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext, state: Any = None,
                 scale: float | None = None) -> torch.Tensor:
+        self._switch(cond, uncond, ctx, state)
+        return self.inner.combine(cond, uncond, ctx, state.inner, scale)
+
+    def _switch(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext, state: Any) -> None:
+        """Record this step as the last guided one of the samples whose predictions align."""
         switch = (self.similarity(cond, uncond, ctx) >= self.threshold).cpu()
         if switch.any():
             rows = ctx.rows[switch]
             state.own[rows] = torch.clamp(state.own[rows], max=ctx.step)
-        return self.inner.combine(cond, uncond, ctx, state.inner, scale)
 
     def conditional_only(self, cond: torch.Tensor, ctx: GuidanceContext, state: Any = None) -> torch.Tensor:
         return self.inner.conditional_only(cond, ctx, state.inner)
+
+    def needs(self, ctx: GuidanceContext, state: Any, scale: float | None = None) -> PassMasks:
+        if self.two_pass:
+            return super().needs(ctx, state, scale)
+        still = ctx.step <= state.own[ctx.rows]
+        return {p: m & still for p, m in self.inner.needs(ctx, state.inner, scale).items()}
+
+    def guide(self, preds: Predictions, ctx: GuidanceContext, state: Any, scale: float | None = None
+              ) -> torch.Tensor:
+        if self.two_pass:
+            return super().guide(preds, ctx, state, scale)
+        if UNCOND in preds:
+            self._switch(preds[COND], preds[UNCOND], ctx, state)
+        return self.inner.guide(preds, ctx, state.inner, scale)

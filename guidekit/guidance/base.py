@@ -313,15 +313,30 @@ def apply_guidance(guidance: Guidance, cond: torch.Tensor, extra: Predictions, m
 
 
 class GuidanceWrapper(TwoPassGuidance):
-    """A guidance that modifies another two-pass guidance (``inner``): everything it does not override is
-    delegated, the per-call state included."""
+    """A guidance that modifies another guidance (``inner``): everything it does not override is delegated, the
+    per-call state included.
 
-    inner: TwoPassGuidance
+    Most wrappers take a two-pass guidance (CFG, APG, CFG-Zero*, or a wrapper of one). Those that decide only
+    *which samples are guided* (``Interval``, ``AdaptiveGuidance``) also take any other guidance without its own
+    sampler, such as PAG or a sum ``CFG(5) + PAG(3)``: they then filter its pass masks (:meth:`needs`) and hand
+    its :meth:`guide` the passes that were computed.
+    """
 
-    def _check_inner(self) -> None:
-        if not isinstance(self.inner, TwoPassGuidance):
-            raise TypeError(f"inner={self.inner!r} is not accepted; expected a guidekit guidance of the conditional "
-                            "and unconditional predictions (CFG, APG, CFG-Zero*, or a wrapper of one)")
+    inner: Guidance
+
+    def _check_inner(self, *, any_guidance: bool = False) -> None:
+        if isinstance(self.inner, TwoPassGuidance):
+            return
+        if any_guidance and isinstance(self.inner, Guidance) and not isinstance(self.inner, BringsSampler):
+            return
+        also = "; or any guidance without its own sampler, such as PAG or a sum" if any_guidance else ""
+        raise TypeError(f"inner={self.inner!r} is not accepted; expected a guidekit guidance of the conditional "
+                        f"and unconditional predictions (CFG, APG, CFG-Zero*, or a wrapper of one){also}")
+
+    @property
+    def two_pass(self) -> bool:
+        """Whether ``inner`` is a two-pass guidance (then the two-pass methods below apply)."""
+        return isinstance(self.inner, TwoPassGuidance)
 
     def passes(self) -> frozenset[Pass]:
         return self.inner.passes()
@@ -405,7 +420,8 @@ class GuidanceSum(Guidance):
         rows = ctx.rows  # positions in the batch, over which needs() made the masks
         out = None
         for term, term_state, masks in zip(self.terms, state.terms, state.masks, strict=True):
-            own = {p: m[rows] for p, m in masks.items()}
+            # A pass absent from preds was computed for none of these samples (a wrapper may have removed it).
+            own = {p: m[rows] if p in preds else torch.zeros(len(rows), dtype=torch.bool) for p, m in masks.items()}
             extra = {p: preds[p][m.to(cond.device)] for p, m in own.items() if bool(m.any())}
             g = apply_guidance(term, cond, extra, own, ctx, term_state)
             out = g if out is None else out + (g - cond)

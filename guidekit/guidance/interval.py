@@ -1,7 +1,8 @@
 """Guidance in a limited interval (Kynkaanniemi et al., NeurIPS 2024, arXiv 2404.07724, eq. 5).
 
 ``w(sigma) = w`` for ``sigma`` in ``(sigma_lo, sigma_hi]``, else ``1``. Outside the interval the
-network runs conditional-only: no unconditional row is computed. As in the authors' EDM sampler
+network runs conditional-only: no unconditional row is computed (over a guidance with further passes, such as
+``CFG(5) + PAG(3)`` or ``PAG(3)`` alone, none of them). As in the authors' EDM sampler
 (kynkaat/guidance-interval), the decision is taken once per solver step at the step's starting
 sigma, so both evaluations of a Heun step share it.
 """
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from guidekit.guidance.base import GuidanceContext, GuidanceWrapper, TwoPassGuidance, set_field
+from guidekit.guidance.base import Guidance, GuidanceContext, GuidanceWrapper, PassMasks, Predictions, set_field
 from guidekit.validation import check_number
 
 
@@ -27,12 +28,12 @@ class Interval(GuidanceWrapper):
         sigma_hi: upper end (inclusive), ``> sigma_lo``; ``float("inf")`` for no upper end.
     """
 
-    inner: TwoPassGuidance
+    inner: Guidance
     sigma_lo: float
     sigma_hi: float
 
     def __post_init__(self) -> None:
-        self._check_inner()
+        self._check_inner(any_guidance=True)
         set_field(self, "sigma_lo", check_number("sigma_lo", self.sigma_lo, low=0.0))
         if self.sigma_hi != float("inf"):
             set_field(self, "sigma_hi", check_number("sigma_hi", self.sigma_hi, low=0.0))
@@ -48,3 +49,15 @@ class Interval(GuidanceWrapper):
                             ) -> torch.Tensor:
         inside = self.inner.needs_unconditional(ctx, state, scale)
         return inside if self.contains(ctx.step_sigma) else torch.zeros_like(inside)
+
+    def needs(self, ctx: GuidanceContext, state: Any, scale: float | None = None) -> PassMasks:
+        if self.two_pass:
+            return super().needs(ctx, state, scale)
+        masks = self.inner.needs(ctx, state, scale)
+        return masks if self.contains(ctx.step_sigma) else {p: torch.zeros_like(m) for p, m in masks.items()}
+
+    def guide(self, preds: Predictions, ctx: GuidanceContext, state: Any, scale: float | None = None
+              ) -> torch.Tensor:
+        if self.two_pass:
+            return super().guide(preds, ctx, state, scale)
+        return self.inner.guide(preds, ctx, state, scale)

@@ -67,6 +67,8 @@ def _fail(text: str, why: str) -> GuidanceSyntaxError:
 def _value(node: ast.expr, text: str) -> object:
     if isinstance(node, ast.Call):
         return _call(node, text)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return _guidance(node, text)
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str)) \
             and not isinstance(node.value, bool):
         return node.value
