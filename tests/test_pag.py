@@ -214,3 +214,25 @@ def test_adaptive_guidance_over_cfg_plus_pag_drops_both_extra_passes_of_a_switch
     lo = float(sigmas[0] + sigmas[1]) / 2
     first_step_only, _, _ = _rows_per_forward(pipe, family, guidekit.Interval(CFG(5) + PAG(3), lo, float("inf")))
     assert torch.equal(images, first_step_only)
+
+
+def test_the_row_processor_equals_diffusers_pag_processor_on_a_group_norm_residual_attention() -> None:
+    # The embedded model's mid-block attention: 4-D input, group norm, residual connection, output rescaling.
+    from diffusers.models.attention_processor import AttnProcessor2_0, PAGCFGIdentitySelfAttnProcessor2_0
+
+    from guidekit.bridge.loading import load_pipeline
+    from guidekit.bridge.perturb import RowPerturbedAttention
+
+    pipe, _ = load_pipeline("default")
+    (attn,) = resolve_layers(pipe.unet, ("mid",)).values()
+    assert attn.group_norm is not None and attn.residual_connection
+    h = torch.randn(3, attn.to_q.in_features, 2, 2, generator=torch.Generator().manual_seed(0))
+    expected = PAGCFGIdentitySelfAttnProcessor2_0()(attn, h)  # [uncond; cond; cond]: identity on the last third
+    processor = RowPerturbedAttention(AttnProcessor2_0())
+    processor.perturbed_rows = 1
+    ours = processor(attn, h)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+    unperturbed = AttnProcessor2_0()(attn, h)
+    assert torch.equal(ours[:2], unperturbed[:2]) and (ours[2] - unperturbed[2]).abs().max() > 1e-3
+    processor.perturbed_rows = 0
+    assert torch.equal(processor(attn, h), unperturbed)

@@ -209,7 +209,9 @@ class GuidedDenoiser:
             cond, extra = cond[:, :c], {p: v[:, :c] for p, v in extra.items()}
         uncond = extra[UNCOND]
         pred = apply_guidance(self.guidance, cond, extra, masks, ctx, self.state)
-        self._finite.append((ctx.step, ctx.sigma, torch.isfinite(pred).all()))  # read once, after the call
+        # Read once, after the call. A float64 sum is finite exactly when every element is (it cannot overflow
+        # from float32 or narrower values), and costs one reduction.
+        self._finite.append((ctx.step, ctx.sigma, torch.isfinite(pred.sum(dtype=torch.float64))))
         if self._receiver is not None:  # samples without an unconditional row pass their conditional one
             if n_guided != len(guided):
                 full = cond.clone()
@@ -357,6 +359,9 @@ def _output_tensor(result: Any) -> torch.Tensor:
 
 
 def _with_output(result: Any, sample: torch.Tensor) -> Any:
+    """The network's output with ``sample`` in place of its prediction (a tuple is rebuilt; an output object,
+    made fresh by each forward, gets the new ``sample``)."""
     if isinstance(result, tuple):
         return (sample, *result[1:])
-    return type(result)(sample=sample)
+    result.sample = sample
+    return result
