@@ -21,6 +21,7 @@ The traps (REFERENCE section 2) and how they are handled:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -74,9 +75,21 @@ class SchedulerCall:
 
 def _supported_base(scheduler: SchedulerMixin) -> str | None:
     """The name of the first class in the scheduler's MRO that guidekit knows how to read, if any."""
-    if isinstance(scheduler, ReportsCalls):
-        return type(scheduler).__name__
-    return next((c.__name__ for c in type(scheduler).__mro__ if c.__name__ in SUPPORTED_SCHEDULERS), None)
+    return _base_of_class(type(scheduler))
+
+
+@functools.cache
+def _base_of_class(cls: type) -> str | None:
+    """:func:`_supported_base` of a class, worked out once per class (a protocol check is slow)."""
+    if issubclass(cls, ReportsCalls):
+        return cls.__name__
+    return next((c.__name__ for c in cls.__mro__ if c.__name__ in SUPPORTED_SCHEDULERS), None)
+
+
+@functools.cache
+def _takes_flow_sigmas(cls: type) -> bool:
+    """Whether the scheduler class's constructor takes ``use_flow_sigmas`` (read once per class)."""
+    return "use_flow_sigmas" in inspect.signature(cls.__init__).parameters
 
 
 def _flow_class(scheduler: SchedulerMixin) -> bool:
@@ -87,8 +100,8 @@ def _is_flow(scheduler: SchedulerMixin) -> bool:
     """Whether ``scheduler`` samples a flow-matching model: a ``FlowMatch*`` class, or a class that takes
     ``use_flow_sigmas`` with it set (a class that does not take it keeps the key of the config it was made from,
     unused)."""
-    takes = "use_flow_sigmas" in inspect.signature(type(scheduler).__init__).parameters
-    return _flow_class(scheduler) or (takes and bool(scheduler.config.get("use_flow_sigmas")))
+    return _flow_class(scheduler) or (_takes_flow_sigmas(type(scheduler))
+                                      and bool(scheduler.config.get("use_flow_sigmas")))
 
 
 def model_space(scheduler: SchedulerMixin) -> str:
