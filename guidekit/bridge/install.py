@@ -28,10 +28,10 @@ from typing import Any
 from diffusers import DiffusionPipeline
 
 from guidekit.bridge.families import Family, family_of_class
-from guidekit.bridge.perturb import perturbation_processors, resolve_layers
+from guidekit.bridge.perturb import check_skip_layers, perturbation_processors, resolve_layers
 from guidekit.bridge.proxy import GuidanceStats, GuidedDenoiser, is_compiled
 from guidekit.bridge.schedulers import _is_flow, check_scheduler
-from guidekit.guidance.base import UNCOND, BringsSampler, Guidance, IdentitySelfAttention, Pass
+from guidekit.guidance.base import UNCOND, BringsSampler, Guidance, IdentitySelfAttention, Pass, SkipLayers
 from guidekit.guidance.spec import parse_guidance
 from guidekit.samplers.protocols import ReportsCalls
 
@@ -90,19 +90,24 @@ def _perturbed_pass(pipe: DiffusionPipeline, family: Family, guidance: Guidance)
     ``None``; a ``ValueError`` naming ``guidance`` for passes this bridge does not evaluate."""
     perturbed = [p for p in guidance.passes() if p.perturbation is not None]
     unsupported = [p for p in guidance.passes() - _SUPPORTED_PASSES
-                   if not isinstance(p.perturbation, IdentitySelfAttention)]
+                   if not isinstance(p.perturbation, (IdentitySelfAttention, SkipLayers))]
     if unsupported or len(perturbed) > 1:
         raise ValueError(f"guidance={guidance!r} is not accepted; it asks for the passes "
                          f"{', '.join(sorted(p.name for p in guidance.passes()))}, and this bridge evaluates "
                          f"{', '.join(sorted(p.name for p in _SUPPORTED_PASSES))} and at most one perturbed pass "
-                         "(identity self-attention) beside the conditional one")
+                         "(identity self-attention or skipped layers) beside the conditional one")
     if not perturbed:
         return None
     if family.separate_calls:
         raise ValueError(f"guidance={guidance!r} is not accepted for {type(pipe).__name__}; perturbed passes run in "
                          "pipelines that batch their conditional and unconditional rows in one forward (SD, SDXL, "
                          "SD3, PixArt, DiT families), not in separate-call ones")
-    resolve_layers(getattr(pipe, family.denoiser), perturbed[0].perturbation.layers)  # type: ignore[union-attr]
+    perturbation = perturbed[0].perturbation
+    denoiser = getattr(pipe, family.denoiser)
+    if isinstance(perturbation, SkipLayers):
+        check_skip_layers(denoiser, perturbation.layers)
+    else:
+        resolve_layers(denoiser, perturbation.layers)  # type: ignore[union-attr]
     return perturbed[0]
 
 
@@ -186,7 +191,7 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, bound: inspect.Bou
     proxy.perturbed = _perturbed_pass(pipe, family, guidance)
     try:
         with ExitStack() as perturbing:
-            if proxy.perturbed is not None:
+            if proxy.perturbed is not None and isinstance(proxy.perturbed.perturbation, IdentitySelfAttention):
                 proxy.processors = perturbing.enter_context(
                     perturbation_processors(denoiser, proxy.perturbed.perturbation))  # type: ignore[arg-type]
             output = original_call(pipe, *args, **kwargs)

@@ -13,6 +13,7 @@ stands for ``"mid_block"``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -52,6 +53,19 @@ def resolve_layers(denoiser: torch.nn.Module, layers: tuple[str, ...]) -> dict[s
                              f"('mid' stands for 'mid_block')")
         chosen.update(found)
     return chosen
+
+
+def check_skip_layers(denoiser: torch.nn.Module, layers: tuple[int, ...]) -> None:
+    """Raise a ``ValueError`` naming ``layers`` unless the denoiser's forward takes ``skip_layers`` (diffusers'
+    ``SD3Transformer2DModel``) and has each block."""
+    name = type(denoiser).__name__
+    if "skip_layers" not in inspect.signature(type(denoiser).forward).parameters:  # the class's, not a wrapper
+        raise ValueError(f"layers={list(layers)!r} is not accepted for {name}, whose forward takes no skip_layers; "
+                         "expected a denoiser that can skip blocks (SD3's SD3Transformer2DModel)")
+    count = len(getattr(denoiser, "transformer_blocks", ()))
+    if max(layers) >= count:
+        raise ValueError(f"layers={list(layers)!r} is not accepted; {name} has {count} transformer blocks, "
+                         f"expected indices in [0, {count - 1}]")
 
 
 class RowPerturbedAttention:

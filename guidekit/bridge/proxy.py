@@ -24,7 +24,16 @@ import torch
 
 from guidekit.bridge.families import Family
 from guidekit.bridge.schedulers import SchedulerReader, model_space
-from guidekit.guidance.base import COND, UNCOND, Guidance, GuidanceContext, Pass, PassMasks, apply_guidance
+from guidekit.guidance.base import (
+    COND,
+    UNCOND,
+    Guidance,
+    GuidanceContext,
+    Pass,
+    PassMasks,
+    SkipLayers,
+    apply_guidance,
+)
 from guidekit.guidance.spec import format_guidance
 from guidekit.samplers.protocols import TakesUnconditional
 
@@ -239,15 +248,37 @@ class GuidedDenoiser:
         first, second = slice(0, b), slice(b, n)
         cond_rows, uncond_rows = (first, second) if self.family.cond_first or not self.batched else (second, first)
         ctx, masks = self._begin(sample[cond_rows], timestep, b)
-        guided = masks[UNCOND]
-        n_guided = sum(guided.tolist())  # cheaper than a tensor reduction for a small CPU mask
         perturbed = masks.get(self.perturbed) if self.perturbed is not None else None
         n_perturbed = 0 if perturbed is None else sum(perturbed.tolist())
+        skip_layers = self._skip_layers()
+        if n_perturbed and skip_layers is not None:  # a separate forward of the perturbed rows, then the rest
+            rows = perturbed.nonzero().flatten() + cond_rows.start  # type: ignore[union-attr]
+            p_args, p_kwargs = self._select(args, kwargs, rows, n)
+            skipped = _output_tensor(self._forward(*p_args, **p_kwargs, skip_layers=skip_layers))
+            return self._main_call(args, kwargs, ctx, masks, cond_rows, uncond_rows, 0, {self.perturbed: skipped})
+        return self._main_call(args, kwargs, ctx, masks, cond_rows, uncond_rows, n_perturbed, {})
+
+    def _skip_layers(self) -> list[int] | None:
+        """The ``skip_layers`` argument of the perturbed pass's forward, if it skips layers."""
+        if self.perturbed is not None and isinstance(self.perturbed.perturbation, SkipLayers):
+            return list(self.perturbed.perturbation.layers)
+        return None
+
+    def _main_call(self, args: tuple, kwargs: dict, ctx: GuidanceContext, masks: PassMasks, cond_rows: slice,
+                   uncond_rows: slice, n_perturbed: int, done: dict[Pass, torch.Tensor]) -> Any:
+        """The forward of the conditional rows, the unconditional rows some sample needs and ``n_perturbed``
+        appended perturbed rows; then the guided prediction, with the predictions of passes ``done`` elsewhere."""
+        sample, _ = _sample_and_timestep(args, kwargs)
+        n = sample.shape[0]
+        b = cond_rows.stop - cond_rows.start
+        guided = masks[UNCOND]
+        n_guided = sum(guided.tolist())  # cheaper than a tensor reduction for a small CPU mask
+        perturbed = masks.get(self.perturbed) if n_perturbed else None
         if n_guided == b and self.batched and n_perturbed == 0:  # the pipeline's own batch: native arithmetic
             result = self._forward(*args, **kwargs)
             out = _output_tensor(result)
             cond = out[cond_rows]
-            pred = self._full(self._combine(ctx, cond, {UNCOND: out[uncond_rows]}, masks), cond)
+            pred = self._full(self._combine(ctx, cond, {UNCOND: out[uncond_rows], **done}, masks), cond)
             return _with_output(result, torch.cat([pred, pred]))  # never written into the network's buffer
         cond_idx = torch.arange(cond_rows.start, cond_rows.stop)
         keep = guided.nonzero().flatten() + uncond_rows.start
@@ -260,7 +291,7 @@ class GuidedDenoiser:
         out = _output_tensor(result)
         main = out[:len(out) - n_perturbed]
         cond, uncond = (main[:b], main[b:]) if self.family.cond_first else (main[n_guided:], main[:n_guided])
-        extra = {UNCOND: uncond}
+        extra = {UNCOND: uncond, **done}
         if n_perturbed:
             extra[self.perturbed] = out[len(out) - n_perturbed:]  # type: ignore[index]
         pred = self._full(self._combine(ctx, cond, extra, masks), cond)

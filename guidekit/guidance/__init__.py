@@ -12,6 +12,7 @@ from guidekit.guidance.base import (
     IdentitySelfAttention,
     Pass,
     Perturbation,
+    SkipLayers,
     TwoPassGuidance,
     apply_guidance,
 )
@@ -23,6 +24,7 @@ from guidekit.guidance.linear_ag import LinearAG, LinearAGFit, PredictionRecorde
 from guidekit.guidance.pag import PAG
 from guidekit.guidance.pcg import PCG
 from guidekit.guidance.schedules import SCHEDULES, Scheduled, schedule_weight
+from guidekit.guidance.slg import SLG
 from guidekit.guidance.spec import GuidanceSyntaxError, format_guidance, parse_guidance
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "PAG",
     "PCG",
     "SCHEDULES",
+    "SLG",
     "UNCOND",
     "AdaptiveGuidance",
     "BringsSampler",
@@ -49,6 +52,7 @@ __all__ = [
     "Perturbation",
     "PredictionRecorder",
     "Scheduled",
+    "SkipLayers",
     "TwoPassGuidance",
     "apply_guidance",
     "fit_linear_ag",

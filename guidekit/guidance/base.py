@@ -50,6 +50,20 @@ class IdentitySelfAttention(Perturbation):
 
 
 @dataclass(frozen=True)
+class SkipLayers(Perturbation):
+    """Chosen transformer blocks skipped: their input passes to the next block unchanged (Skip Layer Guidance, as
+    in Stability AI's SD3.5 reference code and diffusers' ``skip_layers`` argument of ``SD3Transformer2DModel``).
+
+    Attributes:
+        layers: indices of the denoiser's transformer blocks, from 0.
+    """
+
+    layers: tuple[int, ...]
+
+    kind: ClassVar[str] = "skip_layers"
+
+
+@dataclass(frozen=True)
 class Pass:
     """A prediction of the denoiser that a guidance can ask for at a call.
 

@@ -26,6 +26,7 @@ from guidekit.guidance.linear_ag import LinearAG, LinearAGFit
 from guidekit.guidance.pag import PAG
 from guidekit.guidance.pcg import PCG
 from guidekit.guidance.schedules import Scheduled
+from guidekit.guidance.slg import SLG
 from guidekit.limits import MAX_GUIDANCE_CHARS, MAX_GUIDANCE_DEPTH, check_text, shorten
 
 #: Canonical text name of each guidance class.
@@ -40,6 +41,7 @@ NAMES: dict[type[Guidance], str] = {
     CFGPP: "cfgpp",
     LinearAG: "linear_ag",
     PAG: "pag",
+    SLG: "slg",
 }
 #: Values that are not guidance methods but appear as arguments of one.
 VALUES: dict[type, str] = {LinearAGFit: "linear_ag_fit"}
