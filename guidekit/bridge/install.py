@@ -31,7 +31,15 @@ from guidekit.bridge.families import Family, family_of_class
 from guidekit.bridge.perturb import check_skip_layers, perturbation_processors, resolve_layers
 from guidekit.bridge.proxy import GuidanceStats, GuidedDenoiser, is_compiled
 from guidekit.bridge.schedulers import _is_flow, check_scheduler
-from guidekit.guidance.base import UNCOND, BringsSampler, Guidance, IdentitySelfAttention, Pass, SkipLayers
+from guidekit.guidance.base import (
+    UNCOND,
+    BringsSampler,
+    Guidance,
+    IdentitySelfAttention,
+    OtherDenoiser,
+    Pass,
+    SkipLayers,
+)
 from guidekit.guidance.spec import parse_guidance
 from guidekit.samplers.protocols import ReportsCalls
 
@@ -90,12 +98,12 @@ def _perturbed_pass(pipe: DiffusionPipeline, family: Family, guidance: Guidance)
     ``None``; a ``ValueError`` naming ``guidance`` for passes this bridge does not evaluate."""
     perturbed = [p for p in guidance.passes() if p.perturbation is not None]
     unsupported = [p for p in guidance.passes() - _SUPPORTED_PASSES
-                   if not isinstance(p.perturbation, (IdentitySelfAttention, SkipLayers))]
+                   if not isinstance(p.perturbation, (IdentitySelfAttention, SkipLayers, OtherDenoiser))]
     if unsupported or len(perturbed) > 1:
         raise ValueError(f"guidance={guidance!r} is not accepted; it asks for the passes "
                          f"{', '.join(sorted(p.name for p in guidance.passes()))}, and this bridge evaluates "
                          f"{', '.join(sorted(p.name for p in _SUPPORTED_PASSES))} and at most one perturbed pass "
-                         "(identity self-attention or skipped layers) beside the conditional one")
+                         "(identity self-attention, skipped layers or another network) beside the conditional one")
     if not perturbed:
         return None
     if family.separate_calls:
@@ -106,6 +114,10 @@ def _perturbed_pass(pipe: DiffusionPipeline, family: Family, guidance: Guidance)
     denoiser = getattr(pipe, family.denoiser)
     if isinstance(perturbation, SkipLayers):
         check_skip_layers(denoiser, perturbation.layers)
+    elif isinstance(perturbation, OtherDenoiser):
+        if perturbation.module is denoiser:
+            raise ValueError(f"weak={type(denoiser).__name__} is not accepted; it is the pipeline's own "
+                             f"{family.denoiser}, expected another (weaker) network")
     else:
         resolve_layers(denoiser, perturbation.layers)  # type: ignore[union-attr]
     return perturbed[0]

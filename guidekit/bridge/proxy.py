@@ -29,6 +29,7 @@ from guidekit.guidance.base import (
     UNCOND,
     Guidance,
     GuidanceContext,
+    OtherDenoiser,
     Pass,
     PassMasks,
     SkipLayers,
@@ -208,6 +209,11 @@ class GuidedDenoiser:
         of ``masks``, the rows of the samples whose mask is set."""
         guided = masks[UNCOND]
         n_guided = len(extra[UNCOND])
+        for p, v in extra.items():
+            if isinstance(p.perturbation, OtherDenoiser) and v.shape[1:] != cond.shape[1:]:
+                raise ValueError(f"weak={type(p.perturbation.module).__name__} is not accepted; its output has "
+                                 f"shape {tuple(v.shape)}, the pipeline's denoiser {tuple(cond.shape)}: expected a "
+                                 "network of the same family and latent size")
         self._count(masks)
         if self._channels is None:
             self._channels = min(ctx.x.shape[1], cond.shape[1])
@@ -250,19 +256,23 @@ class GuidedDenoiser:
         ctx, masks = self._begin(sample[cond_rows], timestep, b)
         perturbed = masks.get(self.perturbed) if self.perturbed is not None else None
         n_perturbed = 0 if perturbed is None else sum(perturbed.tolist())
-        skip_layers = self._skip_layers()
-        if n_perturbed and skip_layers is not None:  # a separate forward of the perturbed rows, then the rest
+        perturbation = None if self.perturbed is None else self.perturbed.perturbation
+        if n_perturbed and isinstance(perturbation, (SkipLayers, OtherDenoiser)):  # a forward of its own first
             rows = perturbed.nonzero().flatten() + cond_rows.start  # type: ignore[union-attr]
             p_args, p_kwargs = self._select(args, kwargs, rows, n)
-            skipped = _output_tensor(self._forward(*p_args, **p_kwargs, skip_layers=skip_layers))
-            return self._main_call(args, kwargs, ctx, masks, cond_rows, uncond_rows, 0, {self.perturbed: skipped})
+            done = {self.perturbed: self._perturbed_forward(perturbation, p_args, p_kwargs)}
+            return self._main_call(args, kwargs, ctx, masks, cond_rows, uncond_rows, 0, done)  # type: ignore[dict-item]
         return self._main_call(args, kwargs, ctx, masks, cond_rows, uncond_rows, n_perturbed, {})
 
-    def _skip_layers(self) -> list[int] | None:
-        """The ``skip_layers`` argument of the perturbed pass's forward, if it skips layers."""
-        if self.perturbed is not None and isinstance(self.perturbed.perturbation, SkipLayers):
-            return list(self.perturbed.perturbation.layers)
-        return None
+    def _perturbed_forward(self, perturbation: SkipLayers | OtherDenoiser, args: tuple, kwargs: dict
+                           ) -> torch.Tensor:
+        """The perturbed rows' prediction from a forward of their own: the denoiser with ``skip_layers``, or the
+        other network called with the same inputs (its output is checked against the denoiser's in
+        :meth:`_combine`)."""
+        if isinstance(perturbation, SkipLayers):
+            return _output_tensor(self._forward(*args, **kwargs, skip_layers=list(perturbation.layers)))
+        self.stats.model_calls += 1
+        return _output_tensor(perturbation.module(*args, **kwargs))
 
     def _main_call(self, args: tuple, kwargs: dict, ctx: GuidanceContext, masks: PassMasks, cond_rows: slice,
                    uncond_rows: slice, n_perturbed: int, done: dict[Pass, torch.Tensor]) -> Any:

@@ -2,6 +2,7 @@
 
 from guidekit.guidance.adaptive import AdaptiveGuidance
 from guidekit.guidance.apg import APG
+from guidekit.guidance.autoguidance import AutoGuidance
 from guidekit.guidance.base import (
     COND,
     UNCOND,
@@ -10,6 +11,7 @@ from guidekit.guidance.base import (
     GuidanceContext,
     GuidanceSum,
     IdentitySelfAttention,
+    OtherDenoiser,
     Pass,
     Perturbation,
     SkipLayers,
@@ -38,6 +40,7 @@ __all__ = [
     "SLG",
     "UNCOND",
     "AdaptiveGuidance",
+    "AutoGuidance",
     "BringsSampler",
     "CFGZeroStar",
     "Guidance",
@@ -48,6 +51,7 @@ __all__ = [
     "Interval",
     "LinearAG",
     "LinearAGFit",
+    "OtherDenoiser",
     "Pass",
     "Perturbation",
     "PredictionRecorder",

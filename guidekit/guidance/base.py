@@ -64,6 +64,20 @@ class SkipLayers(Perturbation):
 
 
 @dataclass(frozen=True)
+class OtherDenoiser(Perturbation):
+    """Another network in place of the pipeline's denoiser, given the same inputs (autoguidance's weaker model).
+
+    Attributes:
+        module: the network (a ``torch.nn.Module`` called like the pipeline's denoiser); compared and hashed by
+            identity.
+    """
+
+    module: Any
+
+    kind: ClassVar[str] = "other_denoiser"
+
+
+@dataclass(frozen=True)
 class Pass:
     """A prediction of the denoiser that a guidance can ask for at a call.
 

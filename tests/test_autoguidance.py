@@ -1,0 +1,101 @@
+"""Autoguidance: a weaker network guides the pipeline's own, ``D_weak + w (D - D_weak)`` (EDM2's rule).
+
+The exact oracle is the Gaussian-mixture testbed: the weak model is the same mixture with wider components, both
+exact denoisers. The test builds, independently of guidekit's guidance code, a denoiser module that returns
+``D_weak + w (D - D_weak)`` of the two exact denoisers, and samples with it unguided. ``set_guidance(
+AutoGuidance(weak, w))`` on the plain pipeline must give the same samples. On tiny SD a second, smaller UNet runs
+and both networks' rows are counted.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+import guidekit
+from guidekit import CFG, AutoGuidance
+from guidekit.bridge.testbed import MixtureDenoiser, MixtureDenoiserOutput, MixturePipeline
+from guidekit.guidance.spec import format_guidance
+from guidekit.testbed import GaussianMixture
+from guidekit.testing.tiny import build_tiny_pipeline, tiny_call_kwargs
+
+MEANS, LABELS = [[-2.0, 0.0], [2.0, 1.0], [0.0, -2.0]], [0, 0, 1]
+
+
+def lerp_denoiser(mixture: GaussianMixture, main: MixtureDenoiser, weak: MixtureDenoiser, w: float
+                  ) -> MixtureDenoiser:
+    """A denoiser answering ``weak + w (main - weak)`` of the two exact denoisers: the oracle, written here."""
+    oracle = MixtureDenoiser.from_mixture(mixture)
+
+    def forward(sample, timestep, class_labels, return_dict=True):
+        d1 = main(sample, timestep, class_labels, return_dict=False)[0]
+        d0 = weak(sample, timestep, class_labels, return_dict=False)[0]
+        out = d0 + w * (d1 - d0)
+        return MixtureDenoiserOutput(sample=out) if return_dict else (out,)
+
+    oracle.forward = forward
+    return oracle
+
+
+@pytest.mark.parametrize("w", [2.0, 0.5])
+def test_autoguidance_on_the_testbed_equals_the_lerp_of_the_exact_denoisers(w: float) -> None:
+    pipe = MixturePipeline.from_mixture(GaussianMixture.isotropic(MEANS, [0.5, 0.5, 0.7], LABELS))
+    weak = MixtureDenoiser.from_mixture(GaussianMixture.isotropic(MEANS, [1.0, 1.0, 1.2], LABELS))
+    labels, steps = [0, 1, 0, 1], 20
+
+    def draw(p: MixturePipeline) -> torch.Tensor:
+        return p(labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(0)).samples
+
+    plain = draw(pipe)
+    with guidekit.guided(pipe, AutoGuidance(weak, w)) as run:
+        ours = draw(pipe)
+    oracle_pipe = MixturePipeline(lerp_denoiser(pipe.transformer.mixture, pipe.transformer, weak, w), pipe.scheduler)
+    expected = draw(oracle_pipe)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
+    assert (plain - expected).abs().max() > 1e-2  # the weak model moves the samples
+    assert run.stats.computed == {"cond": 4 * steps, "uncond": 0, "weak": 4 * steps}
+    assert run.stats.model_calls == 2 * steps  # one call of each network per step
+
+
+def _weak_unet(pipe) -> UNet2DConditionModel:
+    torch.manual_seed(1)
+    return UNet2DConditionModel.from_config({**pipe.unet.config, "block_out_channels": [16, 32],
+                                             "norm_num_groups": 8})
+
+
+def test_a_smaller_unet_guides_tiny_sd_with_cfg_and_both_networks_rows_are_counted() -> None:
+    pipe = build_tiny_pipeline("sd")
+    pipe.set_progress_bar_config(disable=True)
+    weak = _weak_unet(pipe)
+    weak_rows: list[int] = []
+    weak.conv_in.register_forward_pre_hook(lambda _m, args: weak_rows.append(args[0].shape[0]))
+    call = {**tiny_call_kwargs("sd", batch_size=2), "num_inference_steps": 4, "output_type": "pt"}
+    cfg_only = pipe(**call, guidance_scale=5.0, generator=torch.Generator().manual_seed(0)).images
+    with guidekit.guided(pipe, CFG(5) + AutoGuidance(weak, 2.0)) as run:
+        both = pipe(**call, guidance_scale=5.0, generator=torch.Generator().manual_seed(0)).images
+    assert weak_rows == [2] * 4  # the weak network sees the conditional rows of both samples, once per step
+    assert run.stats.computed == {"cond": 8, "uncond": 8, "weak": 8} and run.stats.model_calls == 8
+    assert torch.isfinite(both).all() and (both - cfg_only).abs().max() > 1e-3
+    with guidekit.guided(pipe, CFG(5) + AutoGuidance(weak, 1.0)) as run:  # w = 1: the weak network is not run
+        same = pipe(**call, guidance_scale=5.0, generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(same, cfg_only) and "weak" not in run.stats.computed and len(weak_rows) == 4
+
+
+def test_bad_weak_networks_are_refused_by_name() -> None:
+    pipe = build_tiny_pipeline("sd")
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(TypeError, match=r"^weak of type str is not accepted"):
+        AutoGuidance("unet", 2.0)
+    with pytest.raises(ValueError, match=r"^scale=-1 is not accepted"):
+        AutoGuidance(pipe.unet, -1)
+    with pytest.raises(ValueError, match=r"^weak=UNet2DConditionModel is not accepted; it is the pipeline's own"):
+        pipe.set_guidance(AutoGuidance(pipe.unet, 2.0))
+    other = UNet2DConditionModel.from_config({**pipe.unet.config, "out_channels": 8})
+    call = {**tiny_call_kwargs("sd"), "num_inference_steps": 2, "output_type": "pt"}
+    with pytest.raises(ValueError, match=r"^weak=UNet2DConditionModel is not accepted; its output has shape "
+                                         r"\(1, 8, .*expected a network of the same family and latent size$"), \
+            guidekit.guided(pipe, AutoGuidance(other, 2.0)):
+        pipe(**call, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="has no text form"):
+        format_guidance(AutoGuidance(other, 2.0))
