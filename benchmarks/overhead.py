@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -32,21 +32,18 @@ def proxy_clock() -> Iterator[dict[str, float]]:
     clock = {"proxy": 0.0, "forward": 0.0, "calls": 0}
     call, forward = GuidedDenoiser.__call__, GuidedDenoiser._forward
 
-    def timed_call(self: GuidedDenoiser, *args: object, **kwargs: object) -> object:
-        start = time.perf_counter()
-        try:
-            return call(self, *args, **kwargs)
-        finally:
-            clock["proxy"] += time.perf_counter() - start
-            clock["calls"] += 1
+    def timed(fn: Callable[..., object], key: str, counts: bool) -> Callable[..., object]:
+        def run(self: GuidedDenoiser, *args: object, **kwargs: object) -> object:
+            start = time.perf_counter()
+            try:
+                return fn(self, *args, **kwargs)
+            finally:
+                clock[key] += time.perf_counter() - start
+                clock["calls"] += counts
 
-    def timed_forward(self: GuidedDenoiser, *args: object, **kwargs: object) -> object:
-        start = time.perf_counter()
-        try:
-            return forward(self, *args, **kwargs)
-        finally:
-            clock["forward"] += time.perf_counter() - start
+        return run
 
+    timed_call, timed_forward = timed(call, "proxy", True), timed(forward, "forward", False)
     GuidedDenoiser.__call__, GuidedDenoiser._forward = timed_call, timed_forward  # type: ignore[method-assign]
     try:
         yield clock

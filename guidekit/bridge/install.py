@@ -93,9 +93,14 @@ def _make_guided_class(cls: type) -> type:
     })
 
 
-def _perturbed_pass(pipe: DiffusionPipeline, family: Family, guidance: Guidance) -> Pass | None:
-    """The one perturbed pass ``guidance`` may ask for, its layers checked against the pipeline's denoiser, or
-    ``None``; a ``ValueError`` naming ``guidance`` for passes this bridge does not evaluate."""
+def _perturbed_pass(guidance: Guidance) -> Pass | None:
+    """The perturbed pass ``guidance`` may ask for (``set_guidance`` has checked that there is at most one)."""
+    return next((p for p in guidance.passes() if p.perturbation is not None), None)
+
+
+def _check_passes(pipe: DiffusionPipeline, family: Family, guidance: Guidance) -> None:
+    """A ``ValueError`` naming ``guidance`` unless this bridge evaluates its passes on ``pipe``: the conditional
+    and unconditional ones and at most one perturbed pass, whose layers or network suit the pipeline's denoiser."""
     perturbed = [p for p in guidance.passes() if p.perturbation is not None]
     unsupported = [p for p in guidance.passes() - _SUPPORTED_PASSES
                    if not isinstance(p.perturbation, (IdentitySelfAttention, SkipLayers, OtherDenoiser))]
@@ -105,7 +110,7 @@ def _perturbed_pass(pipe: DiffusionPipeline, family: Family, guidance: Guidance)
                          f"{', '.join(sorted(p.name for p in _SUPPORTED_PASSES))} and at most one perturbed pass "
                          "(identity self-attention, skipped layers or another network) beside the conditional one")
     if not perturbed:
-        return None
+        return
     if family.separate_calls:
         raise ValueError(f"guidance={guidance!r} is not accepted for {type(pipe).__name__}; perturbed passes run in "
                          "pipelines that batch their conditional and unconditional rows in one forward (SD, SDXL, "
@@ -120,7 +125,6 @@ def _perturbed_pass(pipe: DiffusionPipeline, family: Family, guidance: Guidance)
                              f"{family.denoiser}, expected another (weaker) network")
     else:
         resolve_layers(denoiser, perturbation.layers)  # type: ignore[union-attr]
-    return perturbed[0]
 
 
 def set_guidance(pipe: DiffusionPipeline, guidance: Guidance | str | None) -> DiffusionPipeline:
@@ -141,8 +145,7 @@ def set_guidance(pipe: DiffusionPipeline, guidance: Guidance | str | None) -> Di
     if not isinstance(guidance, Guidance):
         raise TypeError(f"guidance={guidance!r} is not accepted; expected a guidekit guidance, its text form "
                         "or None")
-    family = family_of_class(type(pipe))
-    _perturbed_pass(pipe, family, guidance)
+    _check_passes(pipe, family_of_class(type(pipe)), guidance)
     original_scheduler = pipe.__dict__.get("_guidekit_scheduler", pipe.scheduler)
     sampler = _own_sampler(guidance, original_scheduler)
     _restore_scheduler(pipe)
@@ -200,7 +203,7 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, bound: inspect.Bou
     proxy = GuidedDenoiser(denoiser.forward, guidance, family, pipe.scheduler, batched,
                            float(bound.arguments.get(family.scale_arg) or 1.0), compiled=is_compiled(denoiser))
     denoiser.forward = proxy
-    proxy.perturbed = _perturbed_pass(pipe, family, guidance)
+    proxy.perturbed = _perturbed_pass(guidance)
     try:
         with ExitStack() as perturbing:
             if proxy.perturbed is not None and isinstance(proxy.perturbed.perturbation, IdentitySelfAttention):

@@ -261,8 +261,9 @@ class GuidedDenoiser:
             rows = perturbed.nonzero().flatten() + cond_rows.start  # type: ignore[union-attr]
             p_args, p_kwargs = self._select(args, kwargs, rows, n)
             done = {self.perturbed: self._perturbed_forward(perturbation, p_args, p_kwargs)}
-            return self._main_call(args, kwargs, ctx, masks, cond_rows, uncond_rows, 0, done)  # type: ignore[dict-item]
-        return self._main_call(args, kwargs, ctx, masks, cond_rows, uncond_rows, n_perturbed, {})
+            return self._main_call(args, kwargs, n, ctx, masks, cond_rows, uncond_rows, None, done)  # type: ignore[dict-item]
+        return self._main_call(args, kwargs, n, ctx, masks, cond_rows, uncond_rows, perturbed if n_perturbed else None,
+                               {})
 
     def _perturbed_forward(self, perturbation: SkipLayers | OtherDenoiser, args: tuple, kwargs: dict
                            ) -> torch.Tensor:
@@ -274,16 +275,16 @@ class GuidedDenoiser:
         self.stats.model_calls += 1
         return _output_tensor(perturbation.module(*args, **kwargs))
 
-    def _main_call(self, args: tuple, kwargs: dict, ctx: GuidanceContext, masks: PassMasks, cond_rows: slice,
-                   uncond_rows: slice, n_perturbed: int, done: dict[Pass, torch.Tensor]) -> Any:
-        """The forward of the conditional rows, the unconditional rows some sample needs and ``n_perturbed``
-        appended perturbed rows; then the guided prediction, with the predictions of passes ``done`` elsewhere."""
-        sample, _ = _sample_and_timestep(args, kwargs)
-        n = sample.shape[0]
+    def _main_call(self, args: tuple, kwargs: dict, n: int, ctx: GuidanceContext, masks: PassMasks,
+                   cond_rows: slice, uncond_rows: slice, perturbed: torch.Tensor | None,
+                   done: dict[Pass, torch.Tensor]) -> Any:
+        """The forward of the call's ``n`` rows cut to the conditional ones, the unconditional ones some sample
+        needs and, where ``perturbed`` (a mask over the samples) is given, those samples' conditional rows again,
+        appended to run perturbed; then the guided prediction, with the predictions of passes ``done`` elsewhere."""
         b = cond_rows.stop - cond_rows.start
         guided = masks[UNCOND]
         n_guided = sum(guided.tolist())  # cheaper than a tensor reduction for a small CPU mask
-        perturbed = masks.get(self.perturbed) if n_perturbed else None
+        n_perturbed = 0 if perturbed is None else sum(perturbed.tolist())
         if n_guided == b and self.batched and n_perturbed == 0:  # the pipeline's own batch: native arithmetic
             result = self._forward(*args, **kwargs)
             out = _output_tensor(result)
@@ -293,8 +294,8 @@ class GuidedDenoiser:
         cond_idx = torch.arange(cond_rows.start, cond_rows.stop)
         keep = guided.nonzero().flatten() + uncond_rows.start
         parts = [cond_idx, keep] if self.family.cond_first else [keep, cond_idx]
-        if n_perturbed:  # [.. ; perturbed]: the conditional rows again, the last ones run perturbed
-            parts.append(perturbed.nonzero().flatten() + cond_rows.start)  # type: ignore[union-attr]
+        if perturbed is not None:  # [.. ; perturbed]: the conditional rows again, the last ones run perturbed
+            parts.append(perturbed.nonzero().flatten() + cond_rows.start)
         index: slice | torch.Tensor = cond_rows if n_guided == 0 and n_perturbed == 0 else torch.cat(parts)
         sub_args, sub_kwargs = self._select(args, kwargs, index, n)
         result = self._forward(*sub_args, **sub_kwargs, perturbed_rows=n_perturbed)

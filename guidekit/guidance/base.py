@@ -202,6 +202,40 @@ class Guidance:
         raise NotImplementedError
 
 
+class PerturbedGuidance(Guidance):
+    """A guidance of the conditional prediction and one perturbed conditional pass ``D_p`` of the same network:
+    ``D = D_c + w (D_c - D_p)`` (PAG's eq. 8; SLG's rule). A call whose weight is 0 computes no perturbed row.
+
+    Subclasses have a ``scale`` field and give :attr:`perturbed` (the pass) and, where the weight is not
+    ``scale`` at every call, :meth:`weight`.
+    """
+
+    scale: float
+
+    @property
+    def perturbed(self) -> Pass:
+        """The perturbed pass."""
+        raise NotImplementedError
+
+    def weight(self, ctx: GuidanceContext, scale: float | None = None) -> float:
+        """The weight ``w`` at this call (``scale`` overrides the method's own, as in :meth:`Guidance.guide`)."""
+        return self.scale if scale is None else scale
+
+    def passes(self) -> frozenset[Pass]:
+        return frozenset({self.perturbed}) if self.scale > 0 else frozenset()
+
+    def needs(self, ctx: GuidanceContext, state: Any, scale: float | None = None) -> PassMasks:
+        return {self.perturbed: torch.full((len(ctx.rows),), self.weight(ctx, scale) > 0, dtype=torch.bool)}
+
+    def guide(self, preds: Predictions, ctx: GuidanceContext, state: Any, scale: float | None = None
+              ) -> torch.Tensor:
+        cond = preds[COND]
+        perturbed = preds.get(self.perturbed)
+        if perturbed is None:
+            return cond
+        return cond + self.weight(ctx, scale) * (cond - perturbed)
+
+
 @runtime_checkable
 class BringsSampler(Protocol):
     """A guidance that is half of a sampler (PCG, CFG++): attaching it also installs its scheduler."""

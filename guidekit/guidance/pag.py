@@ -17,20 +17,8 @@ prediction space and runs in the model's own.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-import torch
-
-from guidekit.guidance.base import (
-    COND,
-    Guidance,
-    GuidanceContext,
-    IdentitySelfAttention,
-    Pass,
-    PassMasks,
-    Predictions,
-    set_field,
-)
+from guidekit.guidance.base import GuidanceContext, IdentitySelfAttention, Pass, PerturbedGuidance, set_field
 from guidekit.validation import check_number
 
 #: The layers PAG perturbs by default: the UNet's middle block, diffusers' and the paper's SD choice.
@@ -47,7 +35,7 @@ def _layers(value: object) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class PAG(Guidance):
+class PAG(PerturbedGuidance):
     """Perturbed-Attention Guidance: ``D_c + s (D_c - D_p)`` (module docstring).
 
     Args:
@@ -73,24 +61,10 @@ class PAG(Guidance):
         """The pass of the perturbed conditional prediction: ``pag:`` and the layers."""
         return Pass(f"pag:{','.join(self.layers)}", IdentitySelfAttention(self.layers))
 
-    def weight(self, ctx: GuidanceContext) -> float:
-        """The PAG weight at this call."""
+    def weight(self, ctx: GuidanceContext, scale: float | None = None) -> float:
+        """The PAG weight at this call: ``scale`` if given, else the adaptive rule (module docstring)."""
+        if scale is not None:
+            return scale
         if self.adaptive_scale == 0.0:
             return self.scale
         return max(self.scale - self.adaptive_scale * (1000.0 - 1000.0 * ctx.tau), 0.0)
-
-    def passes(self) -> frozenset[Pass]:
-        return frozenset({self.perturbed}) if self.scale > 0 else frozenset()
-
-    def needs(self, ctx: GuidanceContext, state: Any, scale: float | None = None) -> PassMasks:
-        weight = self.weight(ctx) if scale is None else scale
-        return {self.perturbed: torch.full((len(ctx.rows),), weight > 0, dtype=torch.bool)}
-
-    def guide(self, preds: Predictions, ctx: GuidanceContext, state: Any, scale: float | None = None
-              ) -> torch.Tensor:
-        cond = preds[COND]
-        perturbed = preds.get(self.perturbed)
-        if perturbed is None:
-            return cond
-        weight = self.weight(ctx) if scale is None else scale
-        return cond + weight * (cond - perturbed)

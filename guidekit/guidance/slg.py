@@ -14,11 +14,8 @@ row is computed. The rule is linear with coefficients summing to 1, so it runs i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-import torch
-
-from guidekit.guidance.base import COND, Guidance, GuidanceContext, Pass, PassMasks, Predictions, SkipLayers, set_field
+from guidekit.guidance.base import GuidanceContext, Pass, PerturbedGuidance, SkipLayers, set_field
 from guidekit.validation import check_number
 
 #: SD3.5 Medium's recipe (diffusers' example and Stability AI's reference): blocks 7, 8 and 9.
@@ -36,7 +33,7 @@ def _layers(value: object) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class SLG(Guidance):
+class SLG(PerturbedGuidance):
     """Skip Layer Guidance: ``D_c + s (D_c - D_s)`` for steps inside the window (module docstring).
 
     Args:
@@ -66,18 +63,6 @@ class SLG(Guidance):
         """Whether the call's solver step lies in the window (strict on both ends, as the SD3 pipeline)."""
         return ctx.num_steps * self.start < ctx.step < ctx.num_steps * self.stop
 
-    def passes(self) -> frozenset[Pass]:
-        return frozenset({self.perturbed}) if self.scale > 0 else frozenset()
-
-    def needs(self, ctx: GuidanceContext, state: Any, scale: float | None = None) -> PassMasks:
-        weight = self.scale if scale is None else scale
-        return {self.perturbed: torch.full((len(ctx.rows),), weight > 0 and self.inside(ctx), dtype=torch.bool)}
-
-    def guide(self, preds: Predictions, ctx: GuidanceContext, state: Any, scale: float | None = None
-              ) -> torch.Tensor:
-        cond = preds[COND]
-        skipped = preds.get(self.perturbed)
-        if skipped is None:
-            return cond
-        weight = self.scale if scale is None else scale
-        return cond + weight * (cond - skipped)
+    def weight(self, ctx: GuidanceContext, scale: float | None = None) -> float:
+        """The weight inside the window (``scale`` if given, else the method's), 0 outside it."""
+        return (self.scale if scale is None else scale) if self.inside(ctx) else 0.0
