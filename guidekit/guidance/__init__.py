@@ -20,29 +20,35 @@ from guidekit.guidance.base import (
     apply_guidance,
 )
 from guidekit.guidance.cfg import CFG
+from guidekit.guidance.cfg_norm import CFGNorm
 from guidekit.guidance.cfg_zero import CFGZeroStar
 from guidekit.guidance.cfgpp import CFGPP
 from guidekit.guidance.interval import Interval
 from guidekit.guidance.linear_ag import LinearAG, LinearAGFit, PredictionRecorder, fit_linear_ag
+from guidekit.guidance.mambo import MAMBOG
 from guidekit.guidance.pag import PAG
 from guidekit.guidance.pcg import PCG
 from guidekit.guidance.schedules import SCHEDULES, Scheduled, schedule_weight
 from guidekit.guidance.slg import SLG
 from guidekit.guidance.spec import GuidanceSyntaxError, format_guidance, parse_guidance
+from guidekit.guidance.tcfg import TCFG
 
 __all__ = [
     "APG",
     "CFG",
     "CFGPP",
     "COND",
+    "MAMBOG",
     "PAG",
     "PCG",
     "SCHEDULES",
     "SLG",
+    "TCFG",
     "UNCOND",
     "AdaptiveGuidance",
     "AutoGuidance",
     "BringsSampler",
+    "CFGNorm",
     "CFGZeroStar",
     "Guidance",
     "GuidanceContext",

@@ -119,6 +119,9 @@ class GuidanceContext:
         corrector: whether this is the second (corrector) call of a solver step.
         rows: indices (a CPU tensor), within the pipeline batch, of the samples in ``x``.
         batch_size: the number of samples in the pipeline batch.
+        grid: for a latent packed into tokens, ``(B, N, 4C)`` with each token a 2x2 patch of ``C`` channels (Flux,
+            Qwen-Image), the ``(height, width)`` of the unpacked latent; ``None`` for a latent laid out as
+            ``(B, C, H, W)`` or ``(B, C, T, H, W)``.
     """
 
     x: torch.Tensor
@@ -131,6 +134,7 @@ class GuidanceContext:
     corrector: bool
     rows: torch.Tensor
     batch_size: int
+    grid: tuple[int, int] | None = None
 
     @property
     def sigma(self) -> float:

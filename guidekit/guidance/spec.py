@@ -19,14 +19,17 @@ from guidekit.guidance.adaptive import AdaptiveGuidance
 from guidekit.guidance.apg import APG
 from guidekit.guidance.base import Guidance, GuidanceSum
 from guidekit.guidance.cfg import CFG
+from guidekit.guidance.cfg_norm import CFGNorm
 from guidekit.guidance.cfg_zero import CFGZeroStar
 from guidekit.guidance.cfgpp import CFGPP
 from guidekit.guidance.interval import Interval
 from guidekit.guidance.linear_ag import LinearAG, LinearAGFit
+from guidekit.guidance.mambo import MAMBOG
 from guidekit.guidance.pag import PAG
 from guidekit.guidance.pcg import PCG
 from guidekit.guidance.schedules import Scheduled
 from guidekit.guidance.slg import SLG
+from guidekit.guidance.tcfg import TCFG
 from guidekit.limits import MAX_GUIDANCE_CHARS, MAX_GUIDANCE_DEPTH, check_text, shorten
 
 #: Canonical text name of each guidance class.
@@ -42,10 +45,13 @@ NAMES: dict[type[Guidance], str] = {
     LinearAG: "linear_ag",
     PAG: "pag",
     SLG: "slg",
+    TCFG: "tcfg",
+    MAMBOG: "mambo_g",
+    CFGNorm: "cfg_norm",
 }
 #: Values that are not guidance methods but appear as arguments of one.
 VALUES: dict[type, str] = {LinearAGFit: "linear_ag_fit"}
-_ALIASES = {"ag": AdaptiveGuidance, "adaptiveguidance": AdaptiveGuidance, "linearag": LinearAG}
+_ALIASES = {"ag": AdaptiveGuidance, "adaptiveguidance": AdaptiveGuidance, "linearag": LinearAG, "mambo": MAMBOG}
 
 
 def _key(name: str) -> str:
