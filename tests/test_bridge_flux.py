@@ -62,3 +62,18 @@ def test_missing_negative_prompt_is_an_error() -> None:
             final_latents(pipe, "flux", true_cfg_scale=1.0, steps=2)
     finally:
         pipe.set_guidance(None)
+
+
+def test_context_grid_is_the_unpacked_latent_size() -> None:
+    """The packed tokens' positions (img_ids) give the guidance the unpacked latent's (height, width): a 32 x 32
+    image through the tiny autoencoder (factor 2) is a 16 x 16 latent, packed into 8 x 8 tokens."""
+    grids: list[tuple[int, int] | None] = []
+
+    class RecordsGrid(guidekit.CFG):
+        def combine(self, cond, uncond, ctx, state=None, scale=None):  # type: ignore[no-untyped-def]
+            grids.append(ctx.grid)
+            return super().combine(cond, uncond, ctx, state, scale)
+
+    pipe = pipeline("flux")
+    guided_latents(pipe, "flux", RecordsGrid(5.0), true_cfg_scale=5.0)
+    assert grids == [(16, 16)] * 4

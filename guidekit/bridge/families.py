@@ -19,6 +19,9 @@ class Family:
         negative_args: for separate calls, the ``__call__`` arguments of which one must be given for the
             unconditional call to happen.
         unbatched_args: denoiser arguments that never carry the batch (token positions).
+        token_positions: for a denoiser of packed latents (each token a 2 x 2 patch), the argument that holds the
+            tokens' positions, ``(N, 3)`` rows ``[0, row, column]`` (Flux's ``img_ids``); the guidance context's
+            ``grid`` is read from it.
     """
 
     denoiser: str
@@ -28,6 +31,7 @@ class Family:
     separate_calls: bool = False
     negative_args: tuple[str, ...] = ()
     unbatched_args: tuple[str, ...] = ()
+    token_positions: str | None = None
 
 
 _UNET = Family("unet")
@@ -53,7 +57,7 @@ FAMILIES: dict[str, Family] = {
     # Flux's guidance_scale is a distilled embedding; true CFG is two calls per step with a negative prompt.
     "FluxPipeline": Family("transformer", scale_arg="true_cfg_scale", separate_calls=True,
                            negative_args=("negative_prompt", "negative_prompt_embeds"),
-                           unbatched_args=("txt_ids", "img_ids")),
+                           unbatched_args=("txt_ids", "img_ids"), token_positions="img_ids"),
 }
 
 

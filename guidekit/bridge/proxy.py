@@ -167,6 +167,7 @@ class GuidedDenoiser:
         self._channels: int | None = None  # guided channels, known after the first call
         self._space = model_space(scheduler)
         self._step_sigma = float("nan")
+        self._latent_grid: tuple[int, int] | None = None  # packed latents: the unpacked (height, width)
         self._tau = float("nan")
         self._pending: tuple[GuidanceContext, PassMasks, torch.Tensor, Any] | None = None
         # A sampler that renoises with the unconditional prediction (CFG++) receives it at every call.
@@ -181,13 +182,14 @@ class GuidedDenoiser:
             return self._separate_call(args, kwargs)
         return self._batched_call(args, kwargs)
 
-    def _begin(self, sample: torch.Tensor, timestep: Any, b: int) -> tuple[GuidanceContext, PassMasks]:
+    def _begin(self, sample: torch.Tensor, timestep: Any, b: int, kwargs: dict) -> tuple[GuidanceContext, PassMasks]:
         """Read the scheduler, advance the solver step, and ask which samples need which passes (unconditional rows
         only when the pipeline evaluates them at all)."""
         if self._reader is None:  # first call: the pipeline has set its timesteps
             self._reader = SchedulerReader(self.scheduler)
             self._rows = torch.arange(b)
             self.state = self.guidance.init_state(b)
+            self._latent_grid = self._grid(kwargs)
             self.stats.uncond_rows_per_sample = [0] * b
         state = self._reader(timestep)
         if not state.corrector:
@@ -196,11 +198,20 @@ class GuidedDenoiser:
             sample = sample[:, :self._channels]
         ctx = GuidanceContext(x=sample, level=state.level, model_space=self._space, step=state.step,
                               num_steps=state.num_steps, step_sigma=self._step_sigma, tau=self._tau,
-                              corrector=state.corrector, rows=self._rows, batch_size=b)
+                              corrector=state.corrector, rows=self._rows, batch_size=b,
+                              grid=self._latent_grid)
         masks = dict(self.guidance.needs(ctx, self.state))
         if not self.batched or UNCOND not in masks:
             masks[UNCOND] = torch.zeros(b, dtype=torch.bool)
         return ctx, masks
+
+    def _grid(self, kwargs: dict) -> tuple[int, int] | None:
+        """The unpacked latent's ``(height, width)`` for a denoiser of packed 2 x 2 tokens, from their positions."""
+        name = self.family.token_positions
+        if name is None or kwargs.get(name) is None:
+            return None
+        positions = kwargs[name]
+        return 2 * (int(positions[..., 1].max()) + 1), 2 * (int(positions[..., 2].max()) + 1)
 
     def _combine(self, ctx: GuidanceContext, cond: torch.Tensor, extra: dict[Pass, torch.Tensor],
                  masks: PassMasks) -> torch.Tensor:
@@ -253,7 +264,7 @@ class GuidedDenoiser:
         b = n // 2 if self.batched else n
         first, second = slice(0, b), slice(b, n)
         cond_rows, uncond_rows = (first, second) if self.family.cond_first or not self.batched else (second, first)
-        ctx, masks = self._begin(sample[cond_rows], timestep, b)
+        ctx, masks = self._begin(sample[cond_rows], timestep, b, kwargs)
         perturbed = masks.get(self.perturbed) if self.perturbed is not None else None
         n_perturbed = 0 if perturbed is None else sum(perturbed.tolist())
         perturbation = None if self.perturbed is None else self.perturbed.perturbation
@@ -319,7 +330,7 @@ class GuidedDenoiser:
         sample, timestep = _sample_and_timestep(args, kwargs)
         b = sample.shape[0]
         if self._pending is None:
-            ctx, masks = self._begin(sample, timestep, b)
+            ctx, masks = self._begin(sample, timestep, b, kwargs)
             result = self._forward(*args, **kwargs)
             self._pending = (ctx, masks, _output_tensor(result), result)
             return result
