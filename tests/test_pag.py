@@ -16,7 +16,7 @@ from diffusers import FluxPipeline, StableDiffusionPAGPipeline, StableDiffusionX
 import guidekit
 from guidekit import CFG, PAG
 from guidekit.bridge.perturb import resolve_layers
-from guidekit.guidance.base import COND, UNCOND, GuidanceSum, apply_guidance
+from guidekit.guidance.base import COND, UNCOND, GuidanceSum, IdentitySelfAttention, apply_guidance
 from guidekit.guidance.spec import format_guidance, parse_guidance
 from guidekit.testing.tiny import build_tiny_pipeline, tiny_call_kwargs
 
@@ -228,7 +228,7 @@ def test_the_row_processor_equals_diffusers_pag_processor_on_a_group_norm_residu
     assert attn.group_norm is not None and attn.residual_connection
     h = torch.randn(3, attn.to_q.in_features, 2, 2, generator=torch.Generator().manual_seed(0))
     expected = PAGCFGIdentitySelfAttnProcessor2_0()(attn, h)  # [uncond; cond; cond]: identity on the last third
-    processor = RowPerturbedAttention(AttnProcessor2_0())
+    processor = RowPerturbedAttention(AttnProcessor2_0(), IdentitySelfAttention(("mid",)))
     processor.perturbed_rows = 1
     ours = processor(attn, h)
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)

@@ -40,12 +40,15 @@ METHOD_EXAMPLES = [
     ["cfg(scale=5)", "adaptive(cfg(scale=5), threshold=0.99)", "cfgpp(lam=0.6)", ""],
     ["cfg(scale=3)", "cfg(scale=3) + pag(scale=2)", "pag(scale=3)",
      "cfg(scale=3) + interval(pag(scale=2), sigma_lo=0.5, sigma_hi=inf)"],
+    ["cfg(scale=3)", "cfg(scale=3) + seg(scale=3)", "cfg(scale=3) + seg(scale=3, blur_sigma=1)", "seg(scale=3)"],
+    ["cfg(scale=5)", "tcfg(scale=5)", "mambo_g(scale=5, alpha=2)", "cfg_norm(scale=5)"],
 ]
 METHOD_HELP = (
     "Guidance texts, one per column (blank = unused): `cfg(scale, rescale)`, `apg(scale, eta, norm_threshold, "
     "momentum)`, `interval(METHOD, sigma_lo, sigma_hi)`, `scheduled(METHOD, 'linear' | 'cosine' | ...)`, "
     "`adaptive(METHOD, threshold)`, `cfg_zero_star(scale)`, `pcg(gamma, corrector_steps)`, `cfgpp(lam, solver)`, "
-    "`pag(scale, layers='mid')` (perturbed attention); terms add: `cfg(scale=3) + pag(scale=2)`. "
+    "`pag(scale, layers='mid')` (perturbed attention), `seg(scale, blur_sigma, layers)` (blurred attention), "
+    "`tcfg(scale)`, `mambo_g(scale, alpha)`, `cfg_norm(scale, variant)`; terms add: `cfg(scale=3) + pag(scale=2)`. "
     "PCG and CFG++ run their own sampler: keep the scheduler at the pipeline's own with them. See docs/guidance.md."
 )
 TABLE_HEADERS = ["method", "sampler", "model calls", "uncond rows skipped", "seconds", "saturation"]

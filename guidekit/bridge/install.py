@@ -33,9 +33,9 @@ from guidekit.bridge.proxy import GuidanceStats, GuidedDenoiser, is_compiled
 from guidekit.bridge.schedulers import _is_flow, check_scheduler
 from guidekit.guidance.base import (
     UNCOND,
+    AttentionPerturbation,
     BringsSampler,
     Guidance,
-    IdentitySelfAttention,
     OtherDenoiser,
     Pass,
     SkipLayers,
@@ -103,12 +103,12 @@ def _check_passes(pipe: DiffusionPipeline, family: Family, guidance: Guidance) -
     and unconditional ones and at most one perturbed pass, whose layers or network suit the pipeline's denoiser."""
     perturbed = [p for p in guidance.passes() if p.perturbation is not None]
     unsupported = [p for p in guidance.passes() - _SUPPORTED_PASSES
-                   if not isinstance(p.perturbation, (IdentitySelfAttention, SkipLayers, OtherDenoiser))]
+                   if not isinstance(p.perturbation, (AttentionPerturbation, SkipLayers, OtherDenoiser))]
     if unsupported or len(perturbed) > 1:
         raise ValueError(f"guidance={guidance!r} is not accepted; it asks for the passes "
                          f"{', '.join(sorted(p.name for p in guidance.passes()))}, and this bridge evaluates "
                          f"{', '.join(sorted(p.name for p in _SUPPORTED_PASSES))} and at most one perturbed pass "
-                         "(identity self-attention, skipped layers or another network) beside the conditional one")
+                         "(a changed self-attention, skipped layers or another network) beside the conditional one")
     if not perturbed:
         return
     if family.separate_calls:
@@ -206,7 +206,7 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, bound: inspect.Bou
     proxy.perturbed = _perturbed_pass(guidance)
     try:
         with ExitStack() as perturbing:
-            if proxy.perturbed is not None and isinstance(proxy.perturbed.perturbation, IdentitySelfAttention):
+            if proxy.perturbed is not None and isinstance(proxy.perturbed.perturbation, AttentionPerturbation):
                 proxy.processors = perturbing.enter_context(
                     perturbation_processors(denoiser, proxy.perturbed.perturbation))  # type: ignore[arg-type]
             output = original_call(pipe, *args, **kwargs)

@@ -2,10 +2,15 @@
 
 A guidance that asks for a perturbed pass (:class:`~guidekit.guidance.base.Pass` with a ``perturbation``) gets its
 rows appended to the call's forward, ``[uncond; cond; perturbed]`` as in diffusers' PAG pipelines, and only those
-rows run with the change. For :class:`~guidekit.guidance.base.IdentitySelfAttention` the matched self-attention
+rows run with the change. For an :class:`~guidekit.guidance.base.AttentionPerturbation` the matched self-attention
 modules get a :class:`RowPerturbedAttention` processor for the pipeline call: it hands the other rows to the
-module's own processor, unchanged, and gives the perturbed rows ``to_out(to_v(h))``, diffusers'
-``PAGCFGIdentitySelfAttnProcessor2_0`` perturbed path.
+module's own processor, unchanged, and gives the perturbed rows the changed attention:
+
+* :class:`~guidekit.guidance.base.IdentitySelfAttention` (PAG): ``to_out(to_v(h))``, diffusers'
+  ``PAGCFGIdentitySelfAttnProcessor2_0`` perturbed path;
+* :class:`~guidekit.guidance.base.BlurredQueries` (SEG): scaled dot-product attention with the queries blurred over
+  the token grid after the head split (and after the query norm, where the module has one), as the official SEG-SDXL
+  processor does. The grid is the latent's, halved (rounding up) until it has the layer's number of tokens.
 
 Layer patterns match whole dot-separated parts of module names (``"blocks.1"`` is not ``"blocks.10"``); ``"mid"``
 stands for ``"mid_block"``.
@@ -14,14 +19,16 @@ stands for ``"mid_block"``.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from guidekit.guidance.base import IdentitySelfAttention, Perturbation
+from guidekit.guidance.base import AttentionPerturbation, BlurredQueries
 
 #: Short names of layer patterns.
 ALIASES = {"mid": "mid_block"}
@@ -70,12 +77,15 @@ def check_skip_layers(denoiser: torch.nn.Module, layers: tuple[int, ...]) -> Non
 
 class RowPerturbedAttention:
     """An attention processor that runs ``original`` on every row but the last ``perturbed_rows`` of the batch, and
-    identity self-attention on those (``to_out(to_v(group_norm(h)))``, then the module's residual and output
-    rescaling, as diffusers' PAG processors do). With ``perturbed_rows = 0`` it is ``original``."""
+    the attention ``perturbation`` describes on those (then the module's residual and output rescaling, as diffusers'
+    PAG processors do). With ``perturbed_rows = 0`` it is ``original``. ``latent_size`` is the ``(height, width)``
+    of the forward's latent, which blurred queries need for their token grid."""
 
-    def __init__(self, original: Any) -> None:
+    def __init__(self, original: Any, perturbation: AttentionPerturbation) -> None:
         self.original = original
+        self.perturbation = perturbation
         self.perturbed_rows = 0
+        self.latent_size: tuple[int, int] = (0, 0)
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any,
@@ -90,42 +100,89 @@ class RowPerturbedAttention:
 
         kept = self.original(attn, hidden_states[:n], head(encoder_hidden_states), head(attention_mask), head(temb),
                              *args, **kwargs)
-        return torch.cat([kept, _identity_attention(attn, hidden_states[n:], None if temb is None else temb[n:])])
+        return torch.cat([kept, self._perturbed(attn, hidden_states[n:], None if temb is None else temb[n:])])
+
+    def _perturbed(self, attn: Attention, hidden_states: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
+        """The perturbed rows' attention block, shaped like diffusers' ``AttnProcessor2_0`` on self-attention."""
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if isinstance(self.perturbation, BlurredQueries):
+            hidden_states = self._blurred_attention(attn, hidden_states)
+        else:  # identity self-attention: the output of a token is its value
+            hidden_states = attn.to_v(hidden_states)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _blurred_attention(self, attn: Attention, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Scaled dot-product self-attention with the queries blurred over the token grid (module docstring)."""
+        b, n, _ = hidden_states.shape
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(b, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        query = blur_queries(query, token_grid(n, self.latent_size), self.perturbation.sigma,  # type: ignore[attr-defined]
+                             infinite=self.perturbation.infinite)  # type: ignore[attr-defined]
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        return out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype)
 
 
-def _identity_attention(attn: Attention, hidden_states: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
-    """diffusers' ``PAGCFGIdentitySelfAttnProcessor2_0`` on its perturbed rows: the attention output is the value."""
-    residual = hidden_states
-    if attn.spatial_norm is not None:
-        hidden_states = attn.spatial_norm(hidden_states, temb)
-    input_ndim = hidden_states.ndim
-    if input_ndim == 4:
-        batch_size, channel, height, width = hidden_states.shape
-        hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-    if attn.group_norm is not None:
-        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    hidden_states = attn.to_out[1](attn.to_out[0](attn.to_v(hidden_states)))
-    if input_ndim == 4:
-        hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-    if attn.residual_connection:
-        hidden_states = hidden_states + residual
-    return hidden_states / attn.rescale_output_factor
+def token_grid(tokens: int, latent_size: tuple[int, int]) -> tuple[int, int]:
+    """The ``(height, width)`` of a layer's ``tokens`` tokens: the latent's size halved, rounding up, until the count
+    matches (UNet levels; 2 x 2 patches); a ``ValueError`` if no halving does."""
+    h, w = latent_size
+    while h * w > tokens and (h > 1 or w > 1):
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != tokens:
+        raise ValueError(f"layers: a layer with {tokens} tokens is not accepted for blurred queries; expected the "
+                         f"{latent_size[0]} x {latent_size[1]} latent's token grid, or that grid halved")
+    return h, w
+
+
+def blur_queries(query: torch.Tensor, grid: tuple[int, int], sigma: float, *, infinite: bool) -> torch.Tensor:
+    """Queries ``(B, heads, N, head_dim)`` blurred per channel over the ``grid`` of their ``N`` tokens: a Gaussian
+    of standard deviation ``sigma`` (kernel side ``ceil(6 sigma)`` made odd, at most the grid's shorter side plus one
+    if even, reflect padding), or, for the infinite blur, every query the mean query (SEG-SDXL's
+    ``gaussian_blur_2d``)."""
+    b, heads, n, head_dim = query.shape
+    if infinite:
+        return query.mean(dim=2, keepdim=True).expand_as(query)
+    h, w = grid
+    image = query.permute(0, 1, 3, 2).reshape(b, heads * head_dim, h, w)
+    side = min(h, w)
+    size = min(math.ceil(6 * sigma) + 1 - math.ceil(6 * sigma) % 2, side - (side % 2 - 1))
+    x = torch.linspace(-(size - 1) / 2, (size - 1) / 2, size)
+    pdf = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel1d = (pdf / pdf.sum()).to(device=query.device, dtype=query.dtype)
+    kernel = torch.outer(kernel1d, kernel1d).expand(heads * head_dim, 1, size, size)
+    image = F.conv2d(F.pad(image, [size // 2] * 4, mode="reflect"), kernel, groups=heads * head_dim)
+    return image.reshape(b, heads, head_dim, n).permute(0, 1, 3, 2)
 
 
 @contextmanager
-def perturbation_processors(denoiser: torch.nn.Module, perturbation: Perturbation
+def perturbation_processors(denoiser: torch.nn.Module, perturbation: AttentionPerturbation
                             ) -> Iterator[list[RowPerturbedAttention]]:
     """Install :class:`RowPerturbedAttention` on the modules ``perturbation`` names for the block; yield the
     processors (set their ``perturbed_rows`` around a forward); put the modules' own processors back after."""
-    if not isinstance(perturbation, IdentitySelfAttention):
-        raise ValueError(f"perturbation={perturbation!r} is not accepted; this bridge applies "
-                         f"{IdentitySelfAttention.kind}")
     modules = resolve_layers(denoiser, perturbation.layers)
     saved = {name: m.processor for name, m in modules.items()}
     processors = []
     try:
         for name, m in modules.items():
-            processor = RowPerturbedAttention(saved[name])
+            processor = RowPerturbedAttention(saved[name], perturbation)
             m.processor = processor
             processors.append(processor)
         yield processors

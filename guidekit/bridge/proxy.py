@@ -371,8 +371,10 @@ class GuidedDenoiser:
     def _forward(self, *args: Any, perturbed_rows: int = 0, **kwargs: Any) -> Any:
         """One forward of the network; its last ``perturbed_rows`` rows run with the perturbed pass's change."""
         self.stats.model_calls += 1
-        for processor in self.processors:
-            processor.perturbed_rows = perturbed_rows
+        if perturbed_rows:
+            latent_size = tuple(_sample_and_timestep(args, kwargs)[0].shape[-2:])
+            for processor in self.processors:
+                processor.perturbed_rows, processor.latent_size = perturbed_rows, latent_size
         try:
             if not self.compiled:
                 return self.forward(*args, **kwargs)

@@ -6,6 +6,8 @@ from guidekit.guidance.autoguidance import AutoGuidance
 from guidekit.guidance.base import (
     COND,
     UNCOND,
+    AttentionPerturbation,
+    BlurredQueries,
     BringsSampler,
     Guidance,
     GuidanceContext,
@@ -29,6 +31,7 @@ from guidekit.guidance.mambo import MAMBOG
 from guidekit.guidance.pag import PAG
 from guidekit.guidance.pcg import PCG
 from guidekit.guidance.schedules import SCHEDULES, Scheduled, schedule_weight
+from guidekit.guidance.seg import SEG
 from guidekit.guidance.slg import SLG
 from guidekit.guidance.spec import GuidanceSyntaxError, format_guidance, parse_guidance
 from guidekit.guidance.tcfg import TCFG
@@ -42,11 +45,14 @@ __all__ = [
     "PAG",
     "PCG",
     "SCHEDULES",
+    "SEG",
     "SLG",
     "TCFG",
     "UNCOND",
     "AdaptiveGuidance",
+    "AttentionPerturbation",
     "AutoGuidance",
+    "BlurredQueries",
     "BringsSampler",
     "CFGNorm",
     "CFGZeroStar",

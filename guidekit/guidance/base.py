@@ -15,6 +15,7 @@ Weights follow REFERENCE section 0: ``w = 1`` is no guidance, ``D_w = D_u + w (D
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -35,9 +36,9 @@ class Perturbation:
 
 
 @dataclass(frozen=True)
-class IdentitySelfAttention(Perturbation):
-    """Self-attention replaced by the identity map in the named layers: the attention output of a token is its own
-    value vector, ``Attn(Q, K, V) = V`` (PAG, Ahn et al. 2024, eq. 6).
+class AttentionPerturbation(Perturbation):
+    """A change of the self-attention in the named layers, applied to the perturbed rows only (they can share the
+    forward of the other rows).
 
     Attributes:
         layers: layer patterns of the denoiser, matched to its self-attention modules by the bridge (``"mid"``,
@@ -46,7 +47,39 @@ class IdentitySelfAttention(Perturbation):
 
     layers: tuple[str, ...]
 
+
+@dataclass(frozen=True)
+class IdentitySelfAttention(AttentionPerturbation):
+    """Self-attention replaced by the identity map: the attention output of a token is its own value vector,
+    ``Attn(Q, K, V) = V`` (PAG, Ahn et al. 2024, eq. 6)."""
+
     kind: ClassVar[str] = "identity_self_attention"
+
+
+#: Blur widths above this are the infinite blur (the official SEG code's ``inf_blur_threshold``).
+INFINITE_BLUR = 9999.0
+
+
+@dataclass(frozen=True)
+class BlurredQueries(AttentionPerturbation):
+    """Self-attention whose queries are blurred over the token grid with a Gaussian of standard deviation ``sigma``
+    tokens, per head channel, before the attention weights are formed (SEG, Hong 2024, Sec. 3; the official
+    SEG-SDXL processor). ``sigma > INFINITE_BLUR`` replaces every query by the mean query.
+
+    Attributes:
+        layers: as for :class:`AttentionPerturbation`.
+        sigma: the blur's standard deviation in tokens, ``> 0``; ``inf`` (or anything above ``INFINITE_BLUR``) is
+            the infinite blur.
+    """
+
+    sigma: float = math.inf
+
+    kind: ClassVar[str] = "blurred_queries"
+
+    @property
+    def infinite(self) -> bool:
+        """Whether the blur is the infinite one (every query the mean query)."""
+        return self.sigma > INFINITE_BLUR
 
 
 @dataclass(frozen=True)

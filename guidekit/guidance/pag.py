@@ -25,7 +25,8 @@ from guidekit.validation import check_number
 DEFAULT_LAYERS = ("mid",)
 
 
-def _layers(value: object) -> tuple[str, ...]:
+def check_layers(value: object) -> tuple[str, ...]:
+    """``value`` (a layer name or a non-empty list of them) as a tuple, or a ``ValueError`` naming ``layers``."""
     layers = (value,) if isinstance(value, str) else value
     if (not isinstance(layers, (list, tuple)) or not layers
             or not all(isinstance(v, str) and v.strip() and v == v.strip() for v in layers)):
@@ -53,7 +54,7 @@ class PAG(PerturbedGuidance):
 
     def __post_init__(self) -> None:
         set_field(self, "scale", check_number("scale", self.scale, low=0.0))
-        set_field(self, "layers", _layers(self.layers))
+        set_field(self, "layers", check_layers(self.layers))
         set_field(self, "adaptive_scale", check_number("adaptive_scale", self.adaptive_scale, low=0.0))
 
     @property

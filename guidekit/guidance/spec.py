@@ -28,6 +28,7 @@ from guidekit.guidance.mambo import MAMBOG
 from guidekit.guidance.pag import PAG
 from guidekit.guidance.pcg import PCG
 from guidekit.guidance.schedules import Scheduled
+from guidekit.guidance.seg import SEG
 from guidekit.guidance.slg import SLG
 from guidekit.guidance.tcfg import TCFG
 from guidekit.limits import MAX_GUIDANCE_CHARS, MAX_GUIDANCE_DEPTH, check_text, shorten
@@ -45,6 +46,7 @@ NAMES: dict[type[Guidance], str] = {
     LinearAG: "linear_ag",
     PAG: "pag",
     SLG: "slg",
+    SEG: "seg",
     TCFG: "tcfg",
     MAMBOG: "mambo_g",
     CFGNorm: "cfg_norm",
