@@ -178,7 +178,7 @@ def test_bad_arguments_name_the_parameter() -> None:
         with pytest.raises(ValueError, match=f"^{name}="):
             make()
     x, c, u = _pair((1, 4, 5, 4))
-    with pytest.raises(ValueError, match="^variant='per_token' is not accepted for a latent of shape"):
+    with pytest.raises(ValueError, match=r"^variant='per_token' is not accepted for a latent of shape"):
         _combine(CFGNorm(5.0, variant="per_token"), c, u, x)
 
 

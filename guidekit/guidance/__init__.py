@@ -25,6 +25,7 @@ from guidekit.guidance.cfg import CFG
 from guidekit.guidance.cfg_norm import CFGNorm
 from guidekit.guidance.cfg_zero import CFGZeroStar
 from guidekit.guidance.cfgpp import CFGPP
+from guidekit.guidance.fdg import FDG
 from guidekit.guidance.interval import Interval
 from guidekit.guidance.linear_ag import LinearAG, LinearAGFit, PredictionRecorder, fit_linear_ag
 from guidekit.guidance.mambo import MAMBOG
@@ -41,6 +42,7 @@ __all__ = [
     "CFG",
     "CFGPP",
     "COND",
+    "FDG",
     "MAMBOG",
     "PAG",
     "PCG",

@@ -22,6 +22,7 @@ from guidekit.guidance.cfg import CFG
 from guidekit.guidance.cfg_norm import CFGNorm
 from guidekit.guidance.cfg_zero import CFGZeroStar
 from guidekit.guidance.cfgpp import CFGPP
+from guidekit.guidance.fdg import FDG
 from guidekit.guidance.interval import Interval
 from guidekit.guidance.linear_ag import LinearAG, LinearAGFit
 from guidekit.guidance.mambo import MAMBOG
@@ -50,6 +51,7 @@ NAMES: dict[type[Guidance], str] = {
     TCFG: "tcfg",
     MAMBOG: "mambo_g",
     CFGNorm: "cfg_norm",
+    FDG: "fdg",
 }
 #: Values that are not guidance methods but appear as arguments of one.
 VALUES: dict[type, str] = {LinearAGFit: "linear_ag_fit"}
