@@ -28,6 +28,7 @@ from typing import Any
 from diffusers import DiffusionPipeline
 
 from guidekit.bridge.families import Family, family_of_class
+from guidekit.bridge.nag import check_nag, encode_negative, nag_processors
 from guidekit.bridge.perturb import check_skip_layers, perturbation_processors, resolve_layers
 from guidekit.bridge.proxy import GuidanceStats, GuidedDenoiser, is_compiled
 from guidekit.bridge.schedulers import _is_flow, check_scheduler
@@ -36,6 +37,7 @@ from guidekit.guidance.base import (
     AttentionPerturbation,
     BringsSampler,
     Guidance,
+    NegativePromptAttention,
     OtherDenoiser,
     Pass,
     SkipLayers,
@@ -101,6 +103,12 @@ def _perturbed_pass(guidance: Guidance) -> Pass | None:
 def _check_passes(pipe: DiffusionPipeline, family: Family, guidance: Guidance) -> None:
     """A ``ValueError`` naming ``guidance`` unless this bridge evaluates its passes on ``pipe``: the conditional
     and unconditional ones and at most one perturbed pass, whose layers or network suit the pipeline's denoiser."""
+    change = guidance.conditional_change()
+    if change is not None:
+        if not isinstance(change, NegativePromptAttention):
+            raise ValueError(f"guidance={guidance!r} is not accepted; this bridge applies NAG's change of the "
+                             f"conditional prediction, not {change.kind}")
+        check_nag(type(pipe), getattr(pipe, family.denoiser))
     perturbed = [p for p in guidance.passes() if p.perturbation is not None]
     unsupported = [p for p in guidance.passes() - _SUPPORTED_PASSES
                    if not isinstance(p.perturbation, (AttentionPerturbation, SkipLayers, OtherDenoiser))]
@@ -209,6 +217,11 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, bound: inspect.Bou
             if proxy.perturbed is not None and isinstance(proxy.perturbed.perturbation, AttentionPerturbation):
                 proxy.processors = perturbing.enter_context(
                     perturbation_processors(denoiser, proxy.perturbed.perturbation))  # type: ignore[arg-type]
+            change = guidance.conditional_change()
+            if isinstance(change, NegativePromptAttention):
+                negative = encode_negative(pipe, change.negative_prompt, pipe._execution_device,
+                                           bound.arguments.get("clip_skip"))
+                proxy.nag_processors = perturbing.enter_context(nag_processors(denoiser, change, negative))
             output = original_call(pipe, *args, **kwargs)
     finally:
         if had_forward:

@@ -176,6 +176,8 @@ class GuidedDenoiser:
         #: of a forward (set by the bridge for the pipeline call; see :mod:`guidekit.bridge.perturb`).
         self.perturbed: Pass | None = None
         self.processors: list[Any] = []
+        #: NAG's cross-attention processors (see :mod:`guidekit.bridge.nag`), told the prompt's rows per forward.
+        self.nag_processors: list[Any] = []
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.family.separate_calls and self.batched:
@@ -282,7 +284,10 @@ class GuidedDenoiser:
         other network called with the same inputs (its output is checked against the denoiser's in
         :meth:`_combine`)."""
         if isinstance(perturbation, SkipLayers):
-            return _output_tensor(self._forward(*args, **kwargs, skip_layers=list(perturbation.layers)))
+            rows = _sample_and_timestep(args, kwargs)[0].shape[0]
+            positive = torch.arange(rows) if self.nag_processors else None
+            return _output_tensor(self._forward(*args, **kwargs, skip_layers=list(perturbation.layers),
+                                                positive=positive))
         self.stats.model_calls += 1
         return _output_tensor(perturbation.module(*args, **kwargs))
 
@@ -297,7 +302,8 @@ class GuidedDenoiser:
         n_guided = sum(guided.tolist())  # cheaper than a tensor reduction for a small CPU mask
         n_perturbed = 0 if perturbed is None else sum(perturbed.tolist())
         if n_guided == b and self.batched and n_perturbed == 0:  # the pipeline's own batch: native arithmetic
-            result = self._forward(*args, **kwargs)
+            positive = torch.arange(cond_rows.start, cond_rows.stop) if self.nag_processors else None
+            result = self._forward(*args, **kwargs, positive=positive)
             out = _output_tensor(result)
             cond = out[cond_rows]
             pred = self._full(self._combine(ctx, cond, {UNCOND: out[uncond_rows], **done}, masks), cond)
@@ -309,7 +315,12 @@ class GuidedDenoiser:
             parts.append(perturbed.nonzero().flatten() + cond_rows.start)
         index: slice | torch.Tensor = cond_rows if n_guided == 0 and n_perturbed == 0 else torch.cat(parts)
         sub_args, sub_kwargs = self._select(args, kwargs, index, n)
-        result = self._forward(*sub_args, **sub_kwargs, perturbed_rows=n_perturbed)
+        positive = None
+        if self.nag_processors:  # the conditional rows, and the perturbed rows that repeat them
+            first_cond = 0 if self.family.cond_first else n_guided
+            positive = torch.cat([torch.arange(first_cond, first_cond + b),
+                                  torch.arange(b + n_guided, b + n_guided + n_perturbed)])
+        result = self._forward(*sub_args, **sub_kwargs, perturbed_rows=n_perturbed, positive=positive)
         out = _output_tensor(result)
         main = out[:len(out) - n_perturbed]
         cond, uncond = (main[:b], main[b:]) if self.family.cond_first else (main[n_guided:], main[:n_guided])
@@ -368,9 +379,13 @@ class GuidedDenoiser:
                          f"(sigma {sigma:.4g}); expected finite values: lower the weight, or check the model's own "
                          "predictions")
 
-    def _forward(self, *args: Any, perturbed_rows: int = 0, **kwargs: Any) -> Any:
-        """One forward of the network; its last ``perturbed_rows`` rows run with the perturbed pass's change."""
+    def _forward(self, *args: Any, perturbed_rows: int = 0, positive: torch.Tensor | None = None, **kwargs: Any
+                 ) -> Any:
+        """One forward of the network; its last ``perturbed_rows`` rows run with the perturbed pass's change, and
+        the rows at ``positive`` (those conditioned on the prompt) with NAG's, if it is set."""
         self.stats.model_calls += 1
+        for processor in self.nag_processors:
+            processor.positive = positive
         if perturbed_rows:
             latent_size = tuple(_sample_and_timestep(args, kwargs)[0].shape[-2:])
             for processor in self.processors:
@@ -385,6 +400,8 @@ class GuidedDenoiser:
         finally:
             for processor in self.processors:
                 processor.perturbed_rows = 0
+            for processor in self.nag_processors:
+                processor.positive = None
 
     def _count(self, masks: PassMasks) -> None:
         """Rows computed and skipped per pass. Skipped: unconditional rows when the pipeline batches them, and

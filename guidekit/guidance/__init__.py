@@ -13,6 +13,7 @@ from guidekit.guidance.base import (
     GuidanceContext,
     GuidanceSum,
     IdentitySelfAttention,
+    NegativePromptAttention,
     OtherDenoiser,
     Pass,
     Perturbation,
@@ -29,6 +30,7 @@ from guidekit.guidance.fdg import FDG
 from guidekit.guidance.interval import Interval
 from guidekit.guidance.linear_ag import LinearAG, LinearAGFit, PredictionRecorder, fit_linear_ag
 from guidekit.guidance.mambo import MAMBOG
+from guidekit.guidance.nag import NAG
 from guidekit.guidance.pag import PAG
 from guidekit.guidance.pcg import PCG
 from guidekit.guidance.schedules import SCHEDULES, Scheduled, schedule_weight
@@ -44,6 +46,7 @@ __all__ = [
     "COND",
     "FDG",
     "MAMBOG",
+    "NAG",
     "PAG",
     "PCG",
     "SCHEDULES",
@@ -66,6 +69,7 @@ __all__ = [
     "Interval",
     "LinearAG",
     "LinearAGFit",
+    "NegativePromptAttention",
     "OtherDenoiser",
     "Pass",
     "Perturbation",

@@ -111,6 +111,26 @@ class OtherDenoiser(Perturbation):
 
 
 @dataclass(frozen=True)
+class NegativePromptAttention(Perturbation):
+    """The prompt's cross-attention steered away from a negative prompt's, in every cross-attention layer and for
+    every row conditioned on the prompt (NAG; the rule is :func:`guidekit.guidance.nag.nag_attention`).
+
+    Attributes:
+        negative_prompt: the text whose keys and values give the negative attention output.
+        scale: the extrapolation weight ``s > 1`` (the official ``nag_scale``).
+        tau: the cap of the per-token L1 norm ratio (``nag_tau``).
+        alpha: the blend towards the capped output (``nag_alpha``).
+    """
+
+    negative_prompt: str
+    scale: float
+    tau: float
+    alpha: float
+
+    kind: ClassVar[str] = "negative_prompt_attention"
+
+
+@dataclass(frozen=True)
 class Pass:
     """A prediction of the denoiser that a guidance can ask for at a call.
 
@@ -211,6 +231,11 @@ class Guidance:
     def passes(self) -> frozenset[Pass]:
         """Every pass beyond :data:`COND` that the method may ask for."""
         return frozenset({UNCOND})
+
+    def conditional_change(self) -> Perturbation | None:
+        """A change of the network for every row conditioned on the prompt, at every call (NAG), or ``None``: the
+        conditional pass (and the perturbed passes, which repeat it) then runs with it."""
+        return None
 
     @property
     def uses_unconditional(self) -> bool:
@@ -424,6 +449,10 @@ class GuidanceWrapper(TwoPassGuidance):
     inner: Guidance
 
     def _check_inner(self, *, any_guidance: bool = False) -> None:
+        if isinstance(self.inner, Guidance) and self.inner.conditional_change() is not None:
+            raise TypeError(f"inner={self.inner!r} is not accepted; it changes the conditional prediction at every "
+                            "call (NAG), which a wrapper cannot switch: add it beside the wrapper instead "
+                            "(Interval(CFG(5), ...) + NAG(...))")
         if isinstance(self.inner, TwoPassGuidance):
             return
         if any_guidance and isinstance(self.inner, Guidance) and not isinstance(self.inner, BringsSampler):
@@ -497,7 +526,13 @@ class GuidanceSum(Guidance):
         if any(isinstance(t, BringsSampler) for t in terms):
             raise TypeError(f"terms={terms!r} is not accepted; a guidance that brings its own sampler (PCG, CFG++) "
                             "does not add to others")
+        if sum(t.conditional_change() is not None for t in terms) > 1:
+            raise TypeError(f"terms={terms!r} is not accepted; expected at most one term that changes the "
+                            "conditional prediction (NAG)")
         set_field(self, "terms", terms)
+
+    def conditional_change(self) -> Perturbation | None:
+        return next((c for t in self.terms if (c := t.conditional_change()) is not None), None)
 
     def passes(self) -> frozenset[Pass]:
         return frozenset().union(*(t.passes() for t in self.terms))

@@ -26,6 +26,7 @@ from guidekit.guidance.fdg import FDG
 from guidekit.guidance.interval import Interval
 from guidekit.guidance.linear_ag import LinearAG, LinearAGFit
 from guidekit.guidance.mambo import MAMBOG
+from guidekit.guidance.nag import NAG
 from guidekit.guidance.pag import PAG
 from guidekit.guidance.pcg import PCG
 from guidekit.guidance.schedules import Scheduled
@@ -52,6 +53,7 @@ NAMES: dict[type[Guidance], str] = {
     MAMBOG: "mambo_g",
     CFGNorm: "cfg_norm",
     FDG: "fdg",
+    NAG: "nag",
 }
 #: Values that are not guidance methods but appear as arguments of one.
 VALUES: dict[type, str] = {LinearAGFit: "linear_ag_fit"}
