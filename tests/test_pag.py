@@ -236,3 +236,29 @@ def test_the_row_processor_equals_diffusers_pag_processor_on_a_group_norm_residu
     assert torch.equal(ours[:2], unperturbed[:2]) and (ours[2] - unperturbed[2]).abs().max() > 1e-3
     processor.perturbed_rows = 0
     assert torch.equal(processor(attn, h), unperturbed)
+
+
+def test_scheduled_sum_equals_diffusers_pag_with_both_weights_changed_per_step(pipes: tuple) -> None:
+    """``Scheduled(CFG(5) + PAG(3), "linear")`` schedules each term: CFG's ``w - 1`` and PAG's ``s`` both follow
+    ``2 x (1 - tau)`` (Wang et al.'s linear shape, ``tau = t / 1000``). The oracle is diffusers' PAG pipeline whose
+    ``guidance_scale`` and ``pag_scale`` a step callback sets for the next step from the same formula, written here."""
+    family, pipe, native = pipes
+    pipe.scheduler.set_timesteps(STEPS)
+    taus = [float(t) / 1000 for t in pipe.scheduler.timesteps]
+    cfg_w = [1 + 2 * 4.0 * (1 - tau) for tau in taus]
+    pag_s = [2 * 3.0 * (1 - tau) for tau in taus]
+
+    def next_weights(p, i: int, t: object, kwargs: dict) -> dict:
+        if i + 1 < STEPS:
+            p._guidance_scale, p._pag_scale = cfg_w[i + 1], pag_s[i + 1]
+        return kwargs
+
+    expected = _run(native, family, guidance_scale=cfg_w[0], pag_scale=pag_s[0], callback_on_step_end=next_weights)
+    guidance = guidekit.Scheduled(CFG(5) + PAG(3), "linear")
+    assert guidance == guidekit.Scheduled(CFG(5), "linear") + guidekit.Scheduled(PAG(3), "linear")
+    with guidekit.guided(pipe, guidance) as run:
+        ours = _run(pipe, family, guidance_scale=5.0)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+    assert run.stats.computed["pag:mid"] == STEPS
+    with guidekit.guided(pipe, CFG(5) + PAG(3)):
+        assert (_run(pipe, family, guidance_scale=5.0) - expected).abs().max() > 1e-3  # the schedule matters

@@ -20,7 +20,19 @@ from typing import Any
 
 import torch
 
-from guidekit.guidance.base import UNCOND, GuidanceContext, GuidanceWrapper, Pass, TwoPassGuidance, set_field
+from guidekit.guidance.autoguidance import AutoGuidance
+from guidekit.guidance.base import (
+    UNCOND,
+    Guidance,
+    GuidanceContext,
+    GuidanceSum,
+    GuidanceWrapper,
+    Pass,
+    PassMasks,
+    PerturbedGuidance,
+    Predictions,
+    set_field,
+)
 from guidekit.validation import check_number
 
 
@@ -79,25 +91,43 @@ def schedule_weight(schedule: str, tau: float, w: float, **params: float) -> flo
     return 1.0 + fn(tau, w - 1.0, **params)
 
 
+def _innermost(guidance: Guidance) -> Guidance:
+    while isinstance(guidance, GuidanceWrapper):
+        guidance = guidance.inner
+    return guidance
+
+
 @dataclass(frozen=True, init=False)
 class Scheduled(GuidanceWrapper):
-    """Run ``inner`` with its weight replaced, at each step, by ``schedule_weight(schedule, tau, inner.scale)``.
+    """Run ``inner`` with its weight replaced, at each step, by the schedule's.
+
+    For a weight whose "no guidance" value is 1 (CFG and its reshapings, autoguidance) the scheduled weight is
+    ``schedule_weight(schedule, tau, inner.scale)``, the shape applied to ``w - 1``. For one whose "no guidance" value
+    is 0 (PAG, SEG, SLG: ``D_c + s (D_c - D_p)``) the shape is applied to ``s`` itself: ``f(tau, s)``. A sum is
+    scheduled term by term: ``Scheduled(CFG(5) + PAG(3), "linear")`` is ``Scheduled(CFG(5), "linear") +
+    Scheduled(PAG(3), "linear")`` (and is built as that sum).
 
     Args:
-        inner: a guidance with a ``scale`` (CFG, APG, CFG-Zero*, or a wrapper of one).
+        inner: a guidance with a ``scale`` (CFG, APG, CFG-Zero*, TCFG, MAMBO-G, CFG normalisation, PAG, SEG, SLG,
+            autoguidance, or a wrapper of one), or a sum of them.
         schedule: one of ``SCHEDULES``.
         params: the schedule's parameters (``c`` for ``clamp_linear``, the floor of the Ho & Salimans
             weight; ``s`` for ``pcs``, the exponent), kept as sorted ``(name, value)`` pairs.
     """
 
-    inner: TwoPassGuidance
+    inner: Guidance
     schedule: str
     params: tuple[tuple[str, float], ...]
 
-    def __init__(self, inner: TwoPassGuidance, schedule: str, **params: float) -> None:
+    def __new__(cls, inner: Guidance, schedule: str, **params: float) -> Any:
+        if isinstance(inner, GuidanceSum):
+            return GuidanceSum(tuple(cls(term, schedule, **params) for term in inner.terms))
+        return super().__new__(cls)
+
+    def __init__(self, inner: Guidance, schedule: str, **params: float) -> None:
         set_field(self, "inner", inner)
         set_field(self, "schedule", schedule)
-        self._check_inner()
+        self._check_inner(any_guidance=True)
         if not hasattr(inner, "scale"):
             raise TypeError(f"inner={inner!r} is not accepted; expected a guidance with a scale")
         if schedule not in SCHEDULES:
@@ -109,12 +139,41 @@ class Scheduled(GuidanceWrapper):
         set_field(self, "params", tuple(sorted((name, check_number(name, value, low=0.0))
                                                for name, value in params.items())))
 
+    def __getnewargs_ex__(self) -> tuple[tuple, dict]:
+        return (self.inner, self.schedule), dict(self.params)
+
+    @property
+    def _from_zero(self) -> bool:
+        """Whether the weight's "no guidance" value is 0 (a perturbed-pass method) rather than 1."""
+        return isinstance(_innermost(self.inner), PerturbedGuidance)
+
     def passes(self) -> frozenset[Pass]:
-        return frozenset({UNCOND})  # a schedule moves the weight away from 1 even when ``inner.scale`` is 1
+        # A schedule can move the weight away from its "no guidance" value even where ``inner.scale`` is at it.
+        inner = _innermost(self.inner)
+        if isinstance(inner, PerturbedGuidance):
+            return frozenset({inner.perturbed})
+        if isinstance(inner, AutoGuidance):
+            return frozenset({inner.guiding})
+        return frozenset({UNCOND}) if self.two_pass else self.inner.passes()
 
     def weight(self, tau: float) -> float:
         """The scheduled weight at normalised time ``tau``."""
-        return schedule_weight(self.schedule, tau, self.inner.scale, **dict(self.params))  # type: ignore[attr-defined]
+        scale = self.inner.scale  # type: ignore[attr-defined]
+        if self._from_zero:
+            fn, _ = SCHEDULES[self.schedule]
+            return fn(tau, scale, **dict(self.params))
+        return schedule_weight(self.schedule, tau, scale, **dict(self.params))
+
+    def needs(self, ctx: GuidanceContext, state: Any, scale: float | None = None) -> PassMasks:
+        if self.two_pass:
+            return super().needs(ctx, state, scale)
+        return self.inner.needs(ctx, state, self.weight(ctx.tau))
+
+    def guide(self, preds: Predictions, ctx: GuidanceContext, state: Any, scale: float | None = None
+              ) -> torch.Tensor:
+        if self.two_pass:
+            return super().guide(preds, ctx, state, scale)
+        return self.inner.guide(preds, ctx, state, self.weight(ctx.tau))
 
     def needs_unconditional(self, ctx: GuidanceContext, state: Any = None, scale: float | None = None
                             ) -> torch.Tensor:
@@ -123,3 +182,4 @@ class Scheduled(GuidanceWrapper):
     def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext, state: Any = None,
                 scale: float | None = None) -> torch.Tensor:
         return self.inner.combine(cond, uncond, ctx, state, self.weight(ctx.tau))
+
