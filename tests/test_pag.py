@@ -99,8 +99,7 @@ def test_the_sum_is_cfg_plus_the_pag_difference_on_tensors() -> None:
     out = apply_guidance(guidance, c, {UNCOND: u, perturbed: p}, masks, ctx, state)
     torch.testing.assert_close(out, u + 5 * (c - u) + 3 * (c - p), rtol=1e-12, atol=1e-12)
     # Without the perturbed pass for the last sample, its PAG term adds nothing: plain CFG for it.
-    masks[perturbed][2] = False
-    state.masks[1][perturbed][2] = False
+    masks[perturbed] = state.masks[1][perturbed] = torch.tensor([True, True, False])
     out = apply_guidance(guidance, c, {UNCOND: u, perturbed: p[:2]}, masks, ctx, state)
     torch.testing.assert_close(out[2], u[2] + 5 * (c[2] - u[2]), rtol=1e-12, atol=1e-12)
     assert COND not in masks

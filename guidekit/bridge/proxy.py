@@ -34,8 +34,10 @@ from guidekit.guidance.base import (
     PassMasks,
     SkipLayers,
     apply_guidance,
+    constant_mask,
 )
 from guidekit.guidance.spec import format_guidance
+from guidekit.parameterization import NoiseLevel
 from guidekit.samplers.protocols import TakesUnconditional
 
 
@@ -161,7 +163,8 @@ class GuidedDenoiser:
         self.pipeline_scale = pipeline_scale
         self.stats = GuidanceStats()
         self.state: Any = None  # the guidance's per-call state, made at the first denoiser call
-        self._finite: list[tuple[int, float, torch.Tensor]] = []  # (step, sigma, all finite?) of every prediction
+        # (step, noise level, sum in at least float32) of every guided prediction, read once after the call
+        self._finite: list[tuple[int, NoiseLevel, torch.Tensor]] = []
         self._reader: SchedulerReader | None = None
         self._rows = torch.arange(0)
         self._channels: int | None = None  # guided channels, known after the first call
@@ -204,7 +207,7 @@ class GuidedDenoiser:
                               grid=self._latent_grid)
         masks = dict(self.guidance.needs(ctx, self.state))
         if not self.batched or UNCOND not in masks:
-            masks[UNCOND] = torch.zeros(b, dtype=torch.bool)
+            masks[UNCOND] = constant_mask(b, False)
         return ctx, masks
 
     def _grid(self, kwargs: dict) -> tuple[int, int] | None:
@@ -237,9 +240,8 @@ class GuidedDenoiser:
             cond, extra = cond[:, :c], {p: v[:, :c] for p, v in extra.items()}
         uncond = extra[UNCOND]
         pred = apply_guidance(self.guidance, cond, extra, masks, ctx, self.state)
-        # Read once, after the call. A float64 sum is finite exactly when every element is (it cannot overflow
-        # from float32 or narrower values), and costs one reduction.
-        self._finite.append((ctx.step, ctx.sigma, torch.isfinite(pred.sum(dtype=torch.float64))))
+        # Read once, after the call: the sum is finite when every element is, and costs one reduction.
+        self._finite.append((ctx.step, ctx.level, pred.sum(dtype=_SUM_DTYPES.get(pred.dtype))))
         if self._receiver is not None:  # samples without an unconditional row pass their conditional one
             if n_guided != len(guided):
                 full = cond.clone()
@@ -304,9 +306,9 @@ class GuidedDenoiser:
         if n_guided == b and self.batched and n_perturbed == 0:  # the pipeline's own batch: native arithmetic
             positive = torch.arange(cond_rows.start, cond_rows.stop) if self.nag_processors else None
             result = self._forward(*args, **kwargs, positive=positive)
-            out = _output_tensor(result)
-            cond = out[cond_rows]
-            pred = self._full(self._combine(ctx, cond, {UNCOND: out[uncond_rows], **done}, masks), cond)
+            first_half, second_half = _output_tensor(result).chunk(2)
+            cond, uncond = (first_half, second_half) if cond_rows.start == 0 else (second_half, first_half)
+            pred = self._full(self._combine(ctx, cond, {UNCOND: uncond, **done}, masks), cond)
             return _with_output(result, torch.cat([pred, pred]))  # never written into the network's buffer
         cond_idx = torch.arange(cond_rows.start, cond_rows.stop)
         keep = guided.nonzero().flatten() + uncond_rows.start
@@ -362,15 +364,17 @@ class GuidedDenoiser:
     def check_finite(self) -> None:
         """Raise a ``ValueError`` naming the guidance and the first step whose guided prediction was not finite.
 
-        The flags stay on the device during the call and are read here once, so the check costs no host
-        synchronisation per step.
+        Each prediction's sum (in float32 for half precision, so that finite values do not overflow it) stays on the
+        device during the call and is read here once, so the check costs one reduction and no host synchronisation
+        per step. A float32 prediction whose elements sum beyond float32's range (about 3e38) is reported too.
         """
         if not self._finite:
             return
-        flags = torch.stack([f for *_, f in self._finite]).cpu()
+        flags = torch.isfinite(torch.stack([f for *_, f in self._finite])).cpu()
         if bool(flags.all()):
             return
-        step, sigma, _ = self._finite[int((~flags).nonzero()[0])]
+        step, level, _ = self._finite[int((~flags).nonzero()[0])]
+        sigma = level.sigma
         try:
             method = format_guidance(self.guidance)
         except TypeError:  # a guidance without a text form
@@ -424,6 +428,10 @@ class GuidedDenoiser:
             s.uncond_rows_per_sample = [n + 1 for n in s.uncond_rows_per_sample]
         elif n_guided:
             s.uncond_rows_per_sample = [n + g for n, g in zip(s.uncond_rows_per_sample, guided.tolist(), strict=True)]
+
+
+#: The dtype a prediction is summed in for the finite check (``None``: its own).
+_SUM_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
 def _output_tensor(result: Any) -> torch.Tensor:

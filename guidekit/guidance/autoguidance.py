@@ -26,6 +26,7 @@ from guidekit.guidance.base import (
     Pass,
     PassMasks,
     Predictions,
+    constant_mask,
     set_field,
 )
 from guidekit.validation import check_number
@@ -60,7 +61,7 @@ class AutoGuidance(Guidance):
 
     def needs(self, ctx: GuidanceContext, state: Any, scale: float | None = None) -> PassMasks:
         weight = self.scale if scale is None else scale
-        return {self.guiding: torch.full((len(ctx.rows),), weight != 1.0, dtype=torch.bool)}
+        return {self.guiding: constant_mask(len(ctx.rows), weight != 1.0)}
 
     def guide(self, preds: Predictions, ctx: GuidanceContext, state: Any, scale: float | None = None
               ) -> torch.Tensor:

@@ -207,6 +207,11 @@ class GuidanceContext:
         return self.level.convert(y, self.x, space, self.model_space)
 
 
+def constant_mask(n: int, value: bool) -> torch.Tensor:
+    """A new boolean CPU mask of ``n`` samples, all ``value``."""
+    return torch.full((n,), value, dtype=torch.bool)
+
+
 def set_field(obj: object, name: str, value: object) -> None:
     """Set a field of a frozen dataclass during its own ``__post_init__`` (validated, normalised values)."""
     object.__setattr__(obj, name, value)
@@ -287,7 +292,7 @@ class PerturbedGuidance(Guidance):
         return frozenset({self.perturbed}) if self.scale > 0 else frozenset()
 
     def needs(self, ctx: GuidanceContext, state: Any, scale: float | None = None) -> PassMasks:
-        return {self.perturbed: torch.full((len(ctx.rows),), self.weight(ctx, scale) > 0, dtype=torch.bool)}
+        return {self.perturbed: constant_mask(len(ctx.rows), self.weight(ctx, scale) > 0)}
 
     def guide(self, preds: Predictions, ctx: GuidanceContext, state: Any, scale: float | None = None
               ) -> torch.Tensor:
@@ -325,7 +330,7 @@ class TwoPassGuidance(Guidance):
     def needs_unconditional(self, ctx: GuidanceContext, state: Any = None, scale: float | None = None
                             ) -> torch.Tensor:
         """Boolean CPU mask over ``ctx.rows``: which samples need the unconditional prediction."""
-        return torch.ones(len(ctx.rows), dtype=torch.bool)
+        return constant_mask(len(ctx.rows), True)
 
     def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext, state: Any = None,
                 scale: float | None = None) -> torch.Tensor:
@@ -361,7 +366,7 @@ class WeightedGuidance(TwoPassGuidance):
     def needs_unconditional(self, ctx: GuidanceContext, state: Any = None, scale: float | None = None
                             ) -> torch.Tensor:
         weight = self.scale if scale is None else scale
-        return torch.full((len(ctx.rows),), weight != 1.0, dtype=torch.bool)
+        return constant_mask(len(ctx.rows), weight != 1.0)
 
     def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext, state: Any = None,
                 scale: float | None = None) -> torch.Tensor:
@@ -421,7 +426,8 @@ def apply_guidance(guidance: Guidance, cond: torch.Tensor, extra: Predictions, m
     flags = {p: m.tolist() for p, m in masks.items()}
     if all(all(f) or not any(f) for f in flags.values()):  # one group: every sample has the same passes
         preds = {COND: cond, **{p: extra[p] for p, f in flags.items() if f and f[0]}}
-        return guidance.guide(preds, ctx, state).to(cond.dtype)
+        out = guidance.guide(preds, ctx, state)
+        return out if out.dtype == cond.dtype else out.to(cond.dtype)
     passes = list(flags)
     keys = list(zip(*flags.values(), strict=True))
     out = torch.empty_like(cond)

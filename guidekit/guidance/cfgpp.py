@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from guidekit.guidance.base import GuidanceContext, TwoPassGuidance, set_field
+from guidekit.guidance.base import GuidanceContext, TwoPassGuidance, constant_mask, set_field
 from guidekit.validation import check_number
 
 #: Solvers CFG++ is defined for here.
@@ -51,7 +51,7 @@ class CFGPP(TwoPassGuidance):
 
     def needs_unconditional(self, ctx: GuidanceContext, state: Any = None, scale: float | None = None
                             ) -> torch.Tensor:
-        return torch.ones(len(ctx.rows), dtype=torch.bool)  # the sampler renoises with it, whatever lam is
+        return constant_mask(len(ctx.rows), True)  # the sampler renoises with it, whatever lam is
 
     def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext, state: Any = None,
                 scale: float | None = None) -> torch.Tensor:

@@ -40,7 +40,15 @@ from typing import Any
 
 import torch
 
-from guidekit.guidance.base import UNCOND, GuidanceContext, Pass, TwoPassGuidance, per_sample_dot, set_field
+from guidekit.guidance.base import (
+    UNCOND,
+    GuidanceContext,
+    Pass,
+    TwoPassGuidance,
+    constant_mask,
+    per_sample_dot,
+    set_field,
+)
 from guidekit.guidance.layout import pack_tokens, unpack_tokens
 from guidekit.guidance.pyramid import laplacian_pyramid, reconstruct
 from guidekit.parameterization import check_space
@@ -140,7 +148,7 @@ class FDG(TwoPassGuidance):
     def needs_unconditional(self, ctx: GuidanceContext, state: Any = None, scale: float | None = None
                             ) -> torch.Tensor:
         self._check_scale(scale)
-        return torch.full((len(ctx.rows),), self.guided, dtype=torch.bool)
+        return constant_mask(len(ctx.rows), self.guided)
 
     def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext, state: Any = None,
                 scale: float | None = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from guidekit.guidance.base import UNCOND, GuidanceContext, Pass, TwoPassGuidance, set_field
+from guidekit.guidance.base import UNCOND, GuidanceContext, Pass, TwoPassGuidance, constant_mask, set_field
 from guidekit.limits import check_corrector_steps
 from guidekit.validation import check_number
 
@@ -55,7 +55,7 @@ class PCG(TwoPassGuidance):
     def needs_unconditional(self, ctx: GuidanceContext, state: Any = None, scale: float | None = None
                             ) -> torch.Tensor:
         weight = self.gamma if scale is None else scale
-        return torch.full((len(ctx.rows),), ctx.corrector and weight != 1.0, dtype=torch.bool)
+        return constant_mask(len(ctx.rows), ctx.corrector and weight != 1.0)
 
     def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext, state: Any = None,
                 scale: float | None = None) -> torch.Tensor:
