@@ -51,6 +51,9 @@ IMAGE_SIDE_MULTIPLE = 8
 MAX_PROMPT_CHARS = 10_000
 """Characters of one prompt or negative prompt; the text encoders read at most a few hundred tokens of it."""
 
+MAX_PATH_CHARS = 4096
+"""Characters of a path or hub id given as a value (autoguidance's weak network); Linux's PATH_MAX."""
+
 MAX_GUIDANCE_CHARS = 100_000
 """Characters of one guidance text. A LinearAG fit written inline (``linear_ag_fit(...)``) grows with the square of
 its steps; a longer fit belongs in a file (``fit='path/to/fit.json'``)."""

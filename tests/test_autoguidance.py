@@ -16,7 +16,7 @@ from diffusers import UNet2DConditionModel
 import guidekit
 from guidekit import CFG, AutoGuidance
 from guidekit.bridge.testbed import MixtureDenoiser, MixtureDenoiserOutput, MixturePipeline
-from guidekit.guidance.spec import format_guidance
+from guidekit.guidance.spec import format_guidance, parse_guidance
 from guidekit.testbed import GaussianMixture
 from guidekit.testing.tiny import build_tiny_pipeline, tiny_call_kwargs
 
@@ -85,8 +85,13 @@ def test_a_smaller_unet_guides_tiny_sd_with_cfg_and_both_networks_rows_are_count
 def test_bad_weak_networks_are_refused_by_name() -> None:
     pipe = build_tiny_pipeline("sd")
     pipe.set_progress_bar_config(disable=True)
-    with pytest.raises(TypeError, match=r"^weak of type str is not accepted"):
-        AutoGuidance("unet", 2.0)
+    with pytest.raises(TypeError, match=r"^weak of type int is not accepted"):
+        AutoGuidance(3, 2.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^weak='' is not accepted"):
+        AutoGuidance("", 2.0)
+    with pytest.raises(ValueError, match=r"^weak='/nonexistent/unet' is not accepted; expected a saved "
+                                         r"UNet2DConditionModel"):
+        pipe.set_guidance("autoguidance(weak='/nonexistent/unet', scale=2)")
     with pytest.raises(ValueError, match=r"^scale=-1 is not accepted"):
         AutoGuidance(pipe.unet, -1)
     with pytest.raises(ValueError, match=r"^weak=UNet2DConditionModel is not accepted; it is the pipeline's own"):
@@ -97,5 +102,26 @@ def test_bad_weak_networks_are_refused_by_name() -> None:
                                          r"\(1, 8, .*expected a network of the same family and latent size$"), \
             guidekit.guided(pipe, AutoGuidance(other, 2.0)):
         pipe(**call, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(TypeError, match="has no text form"):
+    with pytest.raises(TypeError, match=r"^weak=UNet2DConditionModel\(...\) has no text form"):
         format_guidance(AutoGuidance(other, 2.0))
+
+
+def test_a_weak_network_given_by_path_is_loaded_at_attachment_and_equals_the_module(tmp_path) -> None:
+    """The text form names a saved denoiser; the bridge loads it with the denoiser's class, dtype and device when
+    the guidance is attached, and drops it when the guidance goes."""
+    pipe = build_tiny_pipeline("sd")
+    pipe.set_progress_bar_config(disable=True)
+    weak = _weak_unet(pipe)
+    weak.save_pretrained(tmp_path / "weak")
+    call = {**tiny_call_kwargs("sd"), "num_inference_steps": 3, "output_type": "pt"}
+    with guidekit.guided(pipe, CFG(5) + AutoGuidance(weak, 2.0)):
+        expected = pipe(**call, guidance_scale=5.0, generator=torch.Generator().manual_seed(0)).images
+    text = f"cfg(scale=5) + autoguidance(weak={str(tmp_path / 'weak')!r}, scale=2)"
+    guidance = parse_guidance(text)
+    assert format_guidance(guidance) == text.replace("cfg(scale=5)", "cfg(scale=5.0, rescale=0.0, rescale_space='v')"
+                                                     ).replace("scale=2)", "scale=2.0)")
+    with guidekit.guided(pipe, text) as run:
+        ours = pipe(**call, guidance_scale=5.0, generator=torch.Generator().manual_seed(0)).images
+        assert set(pipe.__dict__["_guidekit_weak"]) == {str(tmp_path / "weak")}
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+    assert run.stats.computed["weak"] == 3 and "_guidekit_weak" not in pipe.__dict__

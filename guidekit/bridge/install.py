@@ -25,9 +25,11 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
+import torch
 from diffusers import DiffusionPipeline
 
 from guidekit.bridge.families import Family, family_of_class
+from guidekit.bridge.loading import load_denoiser_like
 from guidekit.bridge.nag import check_nag, encode_negative, nag_processors
 from guidekit.bridge.perturb import check_skip_layers, perturbation_processors, resolve_layers
 from guidekit.bridge.proxy import GuidanceStats, GuidedDenoiser, is_compiled
@@ -47,7 +49,7 @@ from guidekit.samplers.protocols import ReportsCalls
 
 _GUIDED_CLASSES: dict[type, type] = {}
 _GUIDED_CLASSES_LOCK = threading.Lock()
-_ATTRIBUTES = ("_guidekit_guidance", "guidance_stats", "_guidekit_scheduler")
+_ATTRIBUTES = ("_guidekit_guidance", "guidance_stats", "_guidekit_scheduler", "_guidekit_weak")
 #: The passes this bridge evaluates.
 _SUPPORTED_PASSES = frozenset({UNCOND})
 
@@ -100,6 +102,16 @@ def _perturbed_pass(guidance: Guidance) -> Pass | None:
     return next((p for p in guidance.passes() if p.perturbation is not None), None)
 
 
+def _weak_networks(pipe: DiffusionPipeline, family: Family, path: str | None = None) -> dict[str, torch.nn.Module]:
+    """The weak networks loaded for this pipeline by path (autoguidance given a path), loading ``path`` if new.
+
+    Kept in the pipeline while its guidance names them; ``set_guidance`` with another guidance drops the others."""
+    loaded: dict[str, torch.nn.Module] = pipe.__dict__.setdefault("_guidekit_weak", {})
+    if path is not None and path not in loaded:
+        loaded[path] = load_denoiser_like(path, getattr(pipe, family.denoiser), family.denoiser)
+    return loaded
+
+
 def _check_passes(pipe: DiffusionPipeline, family: Family, guidance: Guidance) -> None:
     """A ``ValueError`` naming ``guidance`` unless this bridge evaluates its passes on ``pipe``: the conditional
     and unconditional ones and at most one perturbed pass, whose layers or network suit the pipeline's denoiser."""
@@ -128,7 +140,9 @@ def _check_passes(pipe: DiffusionPipeline, family: Family, guidance: Guidance) -
     if isinstance(perturbation, SkipLayers):
         check_skip_layers(denoiser, perturbation.layers)
     elif isinstance(perturbation, OtherDenoiser):
-        if perturbation.module is denoiser:
+        if isinstance(perturbation.module, str):
+            _weak_networks(pipe, family, perturbation.module)
+        elif perturbation.module is denoiser:
             raise ValueError(f"weak={type(denoiser).__name__} is not accepted; it is the pipeline's own "
                              f"{family.denoiser}, expected another (weaker) network")
     else:
@@ -153,7 +167,12 @@ def set_guidance(pipe: DiffusionPipeline, guidance: Guidance | str | None) -> Di
     if not isinstance(guidance, Guidance):
         raise TypeError(f"guidance={guidance!r} is not accepted; expected a guidekit guidance, its text form "
                         "or None")
-    _check_passes(pipe, family_of_class(type(pipe)), guidance)
+    family = family_of_class(type(pipe))
+    _check_passes(pipe, family, guidance)
+    named = {p.perturbation.module for p in guidance.passes() if isinstance(p.perturbation, OtherDenoiser)}
+    loaded = _weak_networks(pipe, family)
+    for path in set(loaded) - named:  # networks loaded for an earlier guidance
+        del loaded[path]
     original_scheduler = pipe.__dict__.get("_guidekit_scheduler", pipe.scheduler)
     sampler = _own_sampler(guidance, original_scheduler)
     _restore_scheduler(pipe)
@@ -212,6 +231,7 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, bound: inspect.Bou
                            float(bound.arguments.get(family.scale_arg) or 1.0), compiled=is_compiled(denoiser))
     denoiser.forward = proxy
     proxy.perturbed = _perturbed_pass(guidance)
+    proxy.weak_networks = _weak_networks(pipe, family)
     try:
         with ExitStack() as perturbing:
             if proxy.perturbed is not None and isinstance(proxy.perturbed.perturbation, AttentionPerturbation):

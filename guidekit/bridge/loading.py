@@ -90,3 +90,19 @@ def load_pipeline(model: str, *, dtype: torch.dtype = torch.float32) -> tuple[Di
         raise ValueError(f"model={model!r} could not be loaded as a diffusers pipeline: {exc}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe, {}
+
+
+def load_denoiser_like(path: str, denoiser: torch.nn.Module, attribute: str) -> torch.nn.Module:
+    """A denoiser of ``denoiser``'s class loaded from ``path`` (a folder saved with ``save_pretrained``, a pipeline
+    folder whose ``attribute`` subfolder is used, or a hub id), with its dtype and device; a ``ValueError`` naming
+    ``weak`` if it does not load."""
+    cls = type(denoiser)
+    subfolder = attribute if (Path(path) / "model_index.json").is_file() else None
+    try:
+        with _quiet_loading():
+            module = cls.from_pretrained(path, subfolder=subfolder, **{DTYPE_KEYWORD: denoiser.dtype})
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"weak={path!r} is not accepted; expected a saved {cls.__name__} (a folder with its "
+                         f"config and weights, or a pipeline folder with a {attribute} subfolder): {first}") from None
+    return module.to(denoiser.device).eval()

@@ -179,6 +179,8 @@ class GuidedDenoiser:
         #: of a forward (set by the bridge for the pipeline call; see :mod:`guidekit.bridge.perturb`).
         self.perturbed: Pass | None = None
         self.processors: list[Any] = []
+        #: Weak networks (autoguidance) given by path, loaded by the bridge: path -> network.
+        self.weak_networks: dict[str, torch.nn.Module] = {}
         #: NAG's cross-attention processors (see :mod:`guidekit.bridge.nag`), told the prompt's rows per forward.
         self.nag_processors: list[Any] = []
 
@@ -227,9 +229,10 @@ class GuidedDenoiser:
         n_guided = len(extra[UNCOND])
         for p, v in extra.items():
             if isinstance(p.perturbation, OtherDenoiser) and v.shape[1:] != cond.shape[1:]:
-                raise ValueError(f"weak={type(p.perturbation.module).__name__} is not accepted; its output has "
-                                 f"shape {tuple(v.shape)}, the pipeline's denoiser {tuple(cond.shape)}: expected a "
-                                 "network of the same family and latent size")
+                weak = p.perturbation.module
+                raise ValueError(f"weak={weak if isinstance(weak, str) else type(weak).__name__} is not accepted; "
+                                 f"its output has shape {tuple(v.shape)}, the pipeline's denoiser "
+                                 f"{tuple(cond.shape)}: expected a network of the same family and latent size")
         self._count(masks)
         if self._channels is None:
             self._channels = min(ctx.x.shape[1], cond.shape[1])
@@ -291,7 +294,8 @@ class GuidedDenoiser:
             return _output_tensor(self._forward(*args, **kwargs, skip_layers=list(perturbation.layers),
                                                 positive=positive))
         self.stats.model_calls += 1
-        return _output_tensor(perturbation.module(*args, **kwargs))
+        module = perturbation.module
+        return _output_tensor((self.weak_networks[module] if isinstance(module, str) else module)(*args, **kwargs))
 
     def _main_call(self, args: tuple, kwargs: dict, n: int, ctx: GuidanceContext, masks: PassMasks,
                    cond_rows: slice, uncond_rows: slice, perturbed: torch.Tensor | None,

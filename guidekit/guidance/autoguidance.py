@@ -7,8 +7,9 @@ conditioning as the main network ``D_1``, guides it:
     D = D_0 + w (D_1 - D_0)
 
 ``w = 1`` is the main network alone and computes no row of the weak one. The rule is an affine combination, so it
-is the same in every prediction space; it runs in the model's own. ``AutoGuidance`` holds the weak network itself,
-so it has no text form (use it from Python). It adds to other terms: ``CFG(w) + AutoGuidance(weak, w')``.
+is the same in every prediction space; it runs in the model's own. ``weak`` is the network itself, or the path (or
+hub id) of a saved denoiser that the bridge loads when the guidance is attached; only the latter has a text form,
+``autoguidance(weak='path/to/unet', scale=2)``. It adds to other terms: ``CFG(w) + AutoGuidance(weak, w')``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from guidekit.guidance.base import (
     constant_mask,
     set_field,
 )
+from guidekit.limits import MAX_PATH_CHARS, check_text
 from guidekit.validation import check_number
 
 
@@ -38,17 +40,24 @@ class AutoGuidance(Guidance):
 
     Args:
         weak: the guiding network, a ``torch.nn.Module`` called exactly like the pipeline's denoiser (same
-            family and latent shape, on the same device); its output must have the denoiser's shape.
+            family and latent shape, on the same device), or the path or hub id of one saved with
+            ``save_pretrained`` (a denoiser folder, or a pipeline folder whose denoiser is used), which the bridge
+            loads with the denoiser's class, dtype and device at ``set_guidance``; its output must have the
+            denoiser's shape.
         scale: the weight ``w >= 0`` (EDM2's presets: 1.7 to 2.9).
     """
 
-    weak: torch.nn.Module
+    weak: torch.nn.Module | str
     scale: float
 
     def __post_init__(self) -> None:
-        if not isinstance(self.weak, torch.nn.Module):
+        if isinstance(self.weak, str):
+            check_text("weak", self.weak, high=MAX_PATH_CHARS, limit="MAX_PATH_CHARS")
+            if not self.weak.strip():
+                raise ValueError("weak='' is not accepted; expected a torch.nn.Module or the path of a saved denoiser")
+        elif not isinstance(self.weak, torch.nn.Module):
             raise TypeError(f"weak of type {type(self.weak).__name__} is not accepted; expected a torch.nn.Module "
-                            "called like the pipeline's denoiser")
+                            "called like the pipeline's denoiser, or the path of a saved one")
         set_field(self, "scale", check_number("scale", self.scale, low=0.0))
 
     @property

@@ -17,6 +17,7 @@ import math
 
 from guidekit.guidance.adaptive import AdaptiveGuidance
 from guidekit.guidance.apg import APG
+from guidekit.guidance.autoguidance import AutoGuidance
 from guidekit.guidance.base import Guidance, GuidanceSum
 from guidekit.guidance.cfg import CFG
 from guidekit.guidance.cfg_norm import CFGNorm
@@ -54,6 +55,7 @@ NAMES: dict[type[Guidance], str] = {
     CFGNorm: "cfg_norm",
     FDG: "fdg",
     NAG: "nag",
+    AutoGuidance: "autoguidance",
 }
 #: Values that are not guidance methods but appear as arguments of one.
 VALUES: dict[type, str] = {LinearAGFit: "linear_ag_fit"}
@@ -190,6 +192,9 @@ def format_guidance(guidance: Guidance) -> str:
     """The text form of ``guidance``; :func:`parse_guidance` reads it back to an equal object."""
     if isinstance(guidance, GuidanceSum):
         return " + ".join(format_guidance(t) for t in guidance.terms)
+    if isinstance(guidance, AutoGuidance) and not isinstance(guidance.weak, str):
+        raise TypeError(f"weak={type(guidance.weak).__name__}(...) has no text form; expected the path of a saved "
+                        "denoiser to write autoguidance as text")
     name = NAMES.get(type(guidance))
     if name is None:
         raise TypeError(f"guidance={guidance!r} has no text form; expected one of {', '.join(NAMES.values())}")
