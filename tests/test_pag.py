@@ -261,3 +261,33 @@ def test_scheduled_sum_equals_diffusers_pag_with_both_weights_changed_per_step(p
     assert run.stats.computed["pag:mid"] == STEPS
     with guidekit.guided(pipe, CFG(5) + PAG(3)):
         assert (_run(pipe, family, guidance_scale=5.0) - expected).abs().max() > 1e-3  # the schedule matters
+
+
+def test_pag_on_pixart_equals_diffusers_pixart_pag_pipeline() -> None:
+    """PixArt's transformer blocks have plain self-attention: CFG + PAG on tiny PixArt-Sigma equals diffusers'
+    ``PixArtSigmaPAGPipeline`` with the same components and layer."""
+    from diffusers import PixArtSigmaPAGPipeline
+
+    pipe = build_tiny_pipeline("pixart")
+    pipe.set_progress_bar_config(disable=True)
+    native = PixArtSigmaPAGPipeline(**pipe.components, pag_applied_layers=["blocks.1"])
+    native.set_progress_bar_config(disable=True)
+    call = {**tiny_call_kwargs("pixart"), "num_inference_steps": STEPS, "output_type": "latent",
+            "guidance_scale": 5.0}
+    expected = native(**call, pag_scale=3.0, generator=torch.Generator().manual_seed(0)).images
+    with guidekit.guided(pipe, CFG(5) + PAG(3, layers="transformer_blocks.1")) as run:
+        ours = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    # Latents of size about 20 (not images in [0, 1]): float32 rounding of the two ways of adding up the terms
+    # (diffusers u + w (c - u) + s (c - p), guidekit's sum of the terms' differences) reaches 1e-4 after 4 steps.
+    torch.testing.assert_close(ours, expected, rtol=2e-5, atol=1e-5)
+    assert run.stats.computed["pag:transformer_blocks.1"] == STEPS
+    assert (pipe(**call, generator=torch.Generator().manual_seed(0)).images - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(("family", "processor"), [("sd3", "JointAttnProcessor2_0"),
+                                                   ("sana", "SanaLinearAttnProcessor2_0")])
+def test_joint_and_linear_attention_are_refused_by_name(family: str, processor: str) -> None:
+    pipe = build_tiny_pipeline(family)
+    for guidance in (PAG(3, layers="transformer_blocks.0"), guidekit.SEG(3, layers="transformer_blocks.0")):
+        with pytest.raises(ValueError, match=rf"^layers=\['transformer_blocks.0'\] is not accepted for .*{processor}"):
+            pipe.set_guidance(CFG(5) + guidance)

@@ -26,9 +26,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor
 
 from guidekit.guidance.base import AttentionPerturbation, BlurredQueries
+
+#: The attention processors of plain (non-joint, softmax) attention, which the perturbed rows' attention replaces.
+PLAIN_PROCESSORS = (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor)
 
 #: Short names of layer patterns.
 ALIASES = {"mid": "mid_block"}
@@ -59,6 +62,12 @@ def resolve_layers(denoiser: torch.nn.Module, layers: tuple[str, ...]) -> dict[s
                              f"of {type(denoiser).__name__}, whose self-attention blocks are: {', '.join(blocks)} "
                              f"('mid' stands for 'mid_block')")
         chosen.update(found)
+    for name, module in chosen.items():
+        if getattr(module, "add_q_proj", None) is not None or not isinstance(module.processor, PLAIN_PROCESSORS):
+            raise ValueError(f"layers={list(layers)!r} is not accepted for {type(denoiser).__name__}: {name} runs "
+                             f"{type(module.processor).__name__}, and the perturbed attention replaces plain "
+                             "softmax self-attention only (the UNets, PixArt, DiT); joint text-image attention (SD3, "
+                             "Flux) and linear attention (Sana) are not supported yet")
     return chosen
 
 
