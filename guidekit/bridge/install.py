@@ -31,7 +31,7 @@ from diffusers import DiffusionPipeline
 from guidekit.bridge.families import Family, family_of_class
 from guidekit.bridge.loading import load_denoiser_like
 from guidekit.bridge.nag import check_nag, encode_negative, nag_processors
-from guidekit.bridge.perturb import check_skip_layers, perturbation_processors, resolve_layers
+from guidekit.bridge.perturb import check_skip_layers, perturbation_processors, resolve_layers, takes_skip_layers
 from guidekit.bridge.proxy import GuidanceStats, GuidedDenoiser, is_compiled
 from guidekit.bridge.schedulers import _is_flow, check_scheduler
 from guidekit.guidance.base import (
@@ -232,6 +232,7 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, bound: inspect.Bou
     denoiser.forward = proxy
     proxy.perturbed = _perturbed_pass(guidance)
     proxy.weak_networks = _weak_networks(pipe, family)
+    proxy.denoiser, proxy.skips_itself = denoiser, takes_skip_layers(denoiser)
     try:
         with ExitStack() as perturbing:
             if proxy.perturbed is not None and isinstance(proxy.perturbed.perturbation, AttentionPerturbation):

@@ -71,17 +71,46 @@ def resolve_layers(denoiser: torch.nn.Module, layers: tuple[str, ...]) -> dict[s
     return chosen
 
 
+def takes_skip_layers(denoiser: torch.nn.Module) -> bool:
+    """Whether the denoiser's forward skips blocks itself (``skip_layers``: diffusers' ``SD3Transformer2DModel``)."""
+    return "skip_layers" in inspect.signature(type(denoiser).forward).parameters  # the class's, not a wrapper
+
+
 def check_skip_layers(denoiser: torch.nn.Module, layers: tuple[int, ...]) -> None:
-    """Raise a ``ValueError`` naming ``layers`` unless the denoiser's forward takes ``skip_layers`` (diffusers'
-    ``SD3Transformer2DModel``) and has each block."""
+    """Raise a ``ValueError`` naming ``layers`` unless the denoiser can skip each of those blocks: its forward takes
+    ``skip_layers``, or it has a ``transformer_blocks`` list (the blocks are then skipped by :func:`skipped_blocks`)."""
     name = type(denoiser).__name__
-    if "skip_layers" not in inspect.signature(type(denoiser).forward).parameters:  # the class's, not a wrapper
-        raise ValueError(f"layers={list(layers)!r} is not accepted for {name}, whose forward takes no skip_layers; "
-                         "expected a denoiser that can skip blocks (SD3's SD3Transformer2DModel)")
-    count = len(getattr(denoiser, "transformer_blocks", ()))
+    blocks = getattr(denoiser, "transformer_blocks", None)
+    if not takes_skip_layers(denoiser) and not isinstance(blocks, torch.nn.ModuleList):
+        raise ValueError(f"layers={list(layers)!r} is not accepted for {name}, which has no transformer_blocks; "
+                         "expected a transformer denoiser (SD3, PixArt, DiT, Sana)")
+    count = len(blocks) if blocks is not None else 0
     if max(layers) >= count:
         raise ValueError(f"layers={list(layers)!r} is not accepted; {name} has {count} transformer blocks, "
                          f"expected indices in [0, {count - 1}]")
+
+
+@contextmanager
+def skipped_blocks(denoiser: torch.nn.Module, layers: tuple[int, ...]) -> Iterator[None]:
+    """Inside the block, the denoiser's ``transformer_blocks`` at ``layers`` return their input hidden states
+    unchanged (a skipped block; the rule of SD3's ``skip_layers`` and diffusers' ``TransformerBlockSkipHook``). A block
+    whose output is not one tensor shaped like its input (joint blocks return two streams) raises a ``ValueError``
+    naming ``layers``."""
+
+    def skip(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if not isinstance(output, torch.Tensor) or output.shape != hidden.shape:
+            raise ValueError(f"layers={list(layers)!r} is not accepted for {type(denoiser).__name__}: its "
+                             f"{type(module).__name__} returns more than one stream; expected blocks that return "
+                             "their hidden states (PixArt, DiT, Sana) or a denoiser that takes skip_layers (SD3)")
+        return hidden
+
+    handles = [denoiser.transformer_blocks[i].register_forward_hook(skip, with_kwargs=True) for i in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class RowPerturbedAttention:

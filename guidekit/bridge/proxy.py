@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from guidekit.bridge.families import Family
+from guidekit.bridge.perturb import skipped_blocks
 from guidekit.bridge.schedulers import SchedulerReader, model_space
 from guidekit.guidance.base import (
     COND,
@@ -179,6 +180,9 @@ class GuidedDenoiser:
         #: of a forward (set by the bridge for the pipeline call; see :mod:`guidekit.bridge.perturb`).
         self.perturbed: Pass | None = None
         self.processors: list[Any] = []
+        #: For skipped layers: the denoiser, and whether its forward skips them itself (``skip_layers``) or hooks do.
+        self.denoiser: torch.nn.Module | None = None
+        self.skips_itself = True
         #: Weak networks (autoguidance) given by path, loaded by the bridge: path -> network.
         self.weak_networks: dict[str, torch.nn.Module] = {}
         #: NAG's cross-attention processors (see :mod:`guidekit.bridge.nag`), told the prompt's rows per forward.
@@ -285,14 +289,17 @@ class GuidedDenoiser:
 
     def _perturbed_forward(self, perturbation: SkipLayers | OtherDenoiser, args: tuple, kwargs: dict
                            ) -> torch.Tensor:
-        """The perturbed rows' prediction from a forward of their own: the denoiser with ``skip_layers``, or the
-        other network called with the same inputs (its output is checked against the denoiser's in
-        :meth:`_combine`)."""
+        """The perturbed rows' prediction from a forward of their own: the denoiser with ``skip_layers`` (or, where
+        its forward takes none, with the blocks skipped by hooks), or the other network called with the same inputs
+        (its output is checked against the denoiser's in :meth:`_combine`)."""
         if isinstance(perturbation, SkipLayers):
             rows = _sample_and_timestep(args, kwargs)[0].shape[0]
             positive = torch.arange(rows) if self.nag_processors else None
-            return _output_tensor(self._forward(*args, **kwargs, skip_layers=list(perturbation.layers),
-                                                positive=positive))
+            if self.skips_itself:
+                return _output_tensor(self._forward(*args, **kwargs, skip_layers=list(perturbation.layers),
+                                                    positive=positive))
+            with skipped_blocks(self.denoiser, perturbation.layers):  # type: ignore[arg-type]
+                return _output_tensor(self._forward(*args, **kwargs, positive=positive))
         self.stats.model_calls += 1
         module = perturbation.module
         return _output_tensor((self.weak_networks[module] if isinstance(module, str) else module)(*args, **kwargs))
