@@ -125,3 +125,38 @@ def test_a_weak_network_given_by_path_is_loaded_at_attachment_and_equals_the_mod
         assert set(pipe.__dict__["_guidekit_weak"]) == {str(tmp_path / "weak")}
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
     assert run.stats.computed["weak"] == 3 and "_guidekit_weak" not in pipe.__dict__
+
+
+def test_autoguidance_beside_flux_true_cfg_in_separate_calls() -> None:
+    """Flux's true CFG makes a conditional and an unconditional call per step; the weak network runs beside the
+    conditional call. The oracle: the plain pipeline whose transformer, written here, returns on each conditional call
+    ``c' = c + (a - 1) / w (c - weak)``, so that its own ``u + w (c' - u)`` is ``u + w (c - u) + (a - 1) (c - weak)``,
+    the sum ``CFG(w) + AutoGuidance(weak, a)``."""
+    from diffusers import FluxTransformer2DModel
+
+    pipe = build_tiny_pipeline("flux")
+    pipe.set_progress_bar_config(disable=True)
+    torch.manual_seed(3)
+    weak = FluxTransformer2DModel.from_config(pipe.transformer.config)
+    call = {**tiny_call_kwargs("flux"), "num_inference_steps": 3, "output_type": "latent", "true_cfg_scale": 4.0}
+    original, calls = pipe.transformer.forward, []
+
+    def oracle(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = original(*args, **kwargs)
+        calls.append(1)
+        if len(calls) % 2:  # the conditional call of a step
+            c = out[0]
+            return (c + (2.0 - 1.0) / 4.0 * (c - weak(*args, **kwargs)[0]),)
+        return out
+
+    pipe.transformer.forward = oracle
+    try:
+        expected = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    finally:
+        del pipe.transformer.forward
+    plain = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    with guidekit.guided(pipe, CFG(4) + AutoGuidance(weak, 2.0)) as run:
+        ours = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    assert run.stats.computed == {"cond": 3, "uncond": 3, "weak": 3} and run.stats.model_calls == 9
+    assert (plain - expected).abs().max() > 1e-3

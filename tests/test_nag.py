@@ -121,18 +121,20 @@ def test_nag_rule_reduces() -> None:
 
 
 def test_bad_input_is_refused_by_name() -> None:
-    for make, name in [(lambda: NAG(5.0), "negative_prompt"), (lambda: NAG(5.0, negative_prompt="  "), "negative_prompt"),
-                       (lambda: NAG(1.0, negative_prompt="x"), "scale"), (lambda: NAG(-2.0, negative_prompt="x"), "scale"),
+    for make, name in [(lambda: NAG(5.0), "negative_prompt"),
+                       (lambda: NAG(5.0, negative_prompt="  "), "negative_prompt"),
+                       (lambda: NAG(1.0, negative_prompt="x"), "scale"),
+                       (lambda: NAG(-2.0, negative_prompt="x"), "scale"),
                        (lambda: NAG(5.0, negative_prompt="x", tau=0.0), "tau"),
                        (lambda: NAG(5.0, negative_prompt="x", alpha=1.5), "alpha")]:
         with pytest.raises(ValueError, match=f"^{name}="):
             make()
-    with pytest.raises(TypeError, match="^inner=.* changes the conditional prediction"):
+    with pytest.raises(TypeError, match=r"^inner=.* changes the conditional prediction"):
         guidekit.Interval(NAG(5.0, negative_prompt="x"), 0.1, 1.0)
     with pytest.raises(TypeError, match="at most one term that changes the conditional prediction"):
         NAG(5.0, negative_prompt="x") + NAG(3.0, negative_prompt="y")
     dit = build_tiny_pipeline("dit")
-    with pytest.raises(ValueError, match="^guidance NAG is not accepted for DiTPipeline"):
+    with pytest.raises(ValueError, match=r"^guidance NAG is not accepted for DiTPipeline"):
         dit.set_guidance(NAG(5.0, negative_prompt="x"))
 
 

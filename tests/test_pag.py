@@ -150,11 +150,15 @@ def test_a_digit_pattern_does_not_match_a_longer_number() -> None:
     assert list(chosen) == ["blocks.1"]  # not blocks.10 or blocks.11, which diffusers' regex also matches
 
 
-def test_a_separate_call_pipeline_refuses_a_perturbed_pass_by_name() -> None:
+def test_flux_refuses_attention_and_block_perturbations_by_name() -> None:
     pipe = build_tiny_pipeline("flux")
     assert isinstance(pipe, FluxPipeline)
-    with pytest.raises(ValueError, match=r"^guidance=.* is not accepted for FluxPipeline; perturbed passes run"):
+    with pytest.raises(ValueError, match=r"^layers=\['transformer_blocks.0'\] is not accepted for "
+                                         "FluxTransformer2DModel, which has no self-attention layer"):
         pipe.set_guidance(PAG(3, layers="transformer_blocks.0"))
+    with pytest.raises(ValueError, match=r"^layers=\[0\] is not accepted for FluxTransformer2DModel: its "
+                                         "FluxTransformerBlock returns two streams"):
+        pipe.set_guidance(guidekit.SLG(2.8, layers=[0]))
 
 
 def _step_sigmas(pipe) -> torch.Tensor:

@@ -131,10 +131,6 @@ def _check_passes(pipe: DiffusionPipeline, family: Family, guidance: Guidance) -
                          "(a changed self-attention, skipped layers or another network) beside the conditional one")
     if not perturbed:
         return
-    if family.separate_calls:
-        raise ValueError(f"guidance={guidance!r} is not accepted for {type(pipe).__name__}; perturbed passes run in "
-                         "pipelines that batch their conditional and unconditional rows in one forward (SD, SDXL, "
-                         "SD3, PixArt, DiT families), not in separate-call ones")
     perturbation = perturbed[0].perturbation
     denoiser = getattr(pipe, family.denoiser)
     if isinstance(perturbation, SkipLayers):

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor
 
 from guidekit.guidance.base import AttentionPerturbation, BlurredQueries
@@ -53,6 +54,9 @@ def resolve_layers(denoiser: torch.nn.Module, layers: tuple[str, ...]) -> dict[s
     """The self-attention modules the patterns ``layers`` match; a ``ValueError`` naming ``layers`` and listing the
     denoiser's attention blocks if a pattern matches none."""
     modules = self_attention_modules(denoiser)
+    if not modules:
+        raise ValueError(f"layers={list(layers)!r} is not accepted for {type(denoiser).__name__}, which has no "
+                         "self-attention layer of diffusers' Attention class; expected a UNet, PixArt or DiT denoiser")
     chosen: dict[str, Attention] = {}
     for pattern in layers:
         found = {n: m for n, m in modules.items() if _matches(pattern, n)}
@@ -88,6 +92,16 @@ def check_skip_layers(denoiser: torch.nn.Module, layers: tuple[int, ...]) -> Non
     if max(layers) >= count:
         raise ValueError(f"layers={list(layers)!r} is not accepted; {name} has {count} transformer blocks, "
                          f"expected indices in [0, {count - 1}]")
+    if not takes_skip_layers(denoiser):
+        block = type(blocks[layers[0]])  # type: ignore[index]
+        try:
+            two_streams = TransformerBlockRegistry.get(block).return_encoder_hidden_states_index is not None
+        except ValueError:  # a block class diffusers has not registered: checked when it runs
+            two_streams = False
+        if two_streams:
+            raise ValueError(f"layers={list(layers)!r} is not accepted for {name}: its {block.__name__} returns two "
+                             "streams (image and text); expected blocks that return their hidden states (PixArt, "
+                             "DiT, Sana) or a denoiser that takes skip_layers (SD3)")
 
 
 @contextmanager

@@ -173,7 +173,9 @@ class GuidedDenoiser:
         self._step_sigma = float("nan")
         self._latent_grid: tuple[int, int] | None = None  # packed latents: the unpacked (height, width)
         self._tau = float("nan")
-        self._pending: tuple[GuidanceContext, PassMasks, torch.Tensor, Any] | None = None
+        # A separate-call step between its two calls: the conditional call's context, masks, prediction and output,
+        # and the predictions of the passes computed with it.
+        self._pending: tuple[GuidanceContext, PassMasks, torch.Tensor, Any, dict[Pass, torch.Tensor]] | None = None
         # A sampler that renoises with the unconditional prediction (CFG++) receives it at every call.
         self._receiver = scheduler if isinstance(scheduler, TakesUnconditional) else None
         #: The perturbed pass the guidance may ask for, and the attention processors that apply it to the last rows
@@ -356,9 +358,15 @@ class GuidedDenoiser:
         if self._pending is None:
             ctx, masks = self._begin(sample, timestep, b, kwargs)
             result = self._forward(*args, **kwargs)
-            self._pending = (ctx, masks, _output_tensor(result), result)
+            done: dict[Pass, torch.Tensor] = {}
+            perturbed = masks.get(self.perturbed) if self.perturbed is not None else None
+            if perturbed is not None and bool(perturbed.any()):  # skipped layers or a weak network: own forward
+                p_args, p_kwargs = self._select(args, kwargs, perturbed.nonzero().flatten(), b)
+                done[self.perturbed] = self._perturbed_forward(self.perturbed.perturbation, p_args,  # type: ignore
+                                                               p_kwargs)
+            self._pending = (ctx, masks, _output_tensor(result), result, done)
             return result
-        ctx, masks, cond, result = self._pending
+        ctx, masks, cond, result, done = self._pending
         self._pending = None
         guided = masks[UNCOND]
         n_guided = sum(guided.tolist())
@@ -369,7 +377,7 @@ class GuidedDenoiser:
             uncond = _output_tensor(self._forward(*sub_args, **sub_kwargs))
         else:
             uncond = cond[:0]
-        pred = self._full(self._combine(ctx, cond, {UNCOND: uncond}, masks), cond)
+        pred = self._full(self._combine(ctx, cond, {UNCOND: uncond, **done}, masks), cond)
         return _with_output(result, cond + (cond - pred) / (self.pipeline_scale - 1.0))
 
     def check_finite(self) -> None:
