@@ -71,15 +71,23 @@ def test_errors_reach_the_client_as_messages_and_the_server_stays_up(client: Cli
 
 
 def test_testbed_tab_gives_a_plot_and_a_table(client: Client) -> None:
-    plot, table = client.predict("gaussian", 3, 1, 20, 2000, 0, api_name="/testbed")
+    plot, table = client.predict("gaussian", 3, 1, 20, 2000, 0, 2, api_name="/testbed")
     image = Image.open(plot)
     assert image.width > 2 * image.height
     rows = {row[0].split(" (")[0]: row for row in table["data"]}
-    assert list(rows) == ["CFG + DDIM", "CFG + DDPM", "PCG", "target p(x|c)^3 p(x)^-2"]
+    assert list(rows) == ["CFG + DDIM", "CFG + DDPM", "PCG", "Autoguidance + DDIM", "target p(x|c)^3 p(x)^-2",
+                          "autoguidance target p(x|c)^3 q(x|c)^-2", "exact autoguidance ODE"]
+    assert table["headers"][-1] == "W1 to exact ODE"
     assert rows["target p(x|c)^3 p(x)^-2"][1:3] == [1.2, 0.1]  # N(4w / (3w + 1), 1 / (3w + 1)) at w = 3
+    # N(1, f^2 / (4 (w f^2 + 1 - w))) at w = 3, f = 2
+    assert rows["autoguidance target p(x|c)^3 q(x|c)^-2"][1:3] == [1.0, 0.1]
     assert rows["PCG"][4] == 20 + 19  # model calls: predictor + one corrector step per step but the last
+    assert rows["Autoguidance + DDIM"][4] == 2 * 20  # the model and the weak model, once each per step
+    assert 0 < rows["Autoguidance + DDIM"][-1] < 0.1  # W1 to the exact ODE
     with pytest.raises(AppError, match="steps=0"):
-        client.predict("gaussian", 3, 1, 0, 2000, 0, api_name="/testbed")
+        client.predict("gaussian", 3, 1, 0, 2000, 0, 2, api_name="/testbed")
+    with pytest.raises(AppError, match=r"weak_factor=0\.5 is not accepted"):
+        client.predict("gaussian", 3, 1, 20, 2000, 0, 0.5, api_name="/testbed")
 
 
 def test_every_input_has_a_name_that_says_what_it_is_and_integers_are_typed_int(client: Client) -> None:
@@ -90,6 +98,6 @@ def test_every_input_has_a_name_that_says_what_it_is_and_integers_are_typed_int(
         ("class_label", "seed", "steps", "num_images"), "integer")
     testbed = {p["parameter_name"]: p["type"]["type"] for p in api["/testbed"]["parameters"]}
     assert testbed == {"preset": "string", "weight": "number", "corrector_steps": "integer", "steps": "integer",
-                       "num_samples": "integer", "seed": "integer"}
+                       "num_samples": "integer", "seed": "integer", "weak_factor": "number"}
     assert not [p for p in compare | testbed if p.startswith(("param_", "value_"))]
     assert [r["label"] for r in api["/compare"]["returns"]][-1] == "Model description"

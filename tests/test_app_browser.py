@@ -131,5 +131,6 @@ def test_testbed_tab_draws_its_plot(demo_url: str, browser: object) -> None:
     _wait(driver, lambda d: d.execute_script(
         "const i = document.querySelector('#testbed-plot img'); return i && i.naturalWidth > 0;"))
     table = driver.find_element(By.ID, "testbed-table").text
-    assert "PCG" in table and "DDIM" in table and "DDPM" in table
+    assert "PCG" in table and "DDIM" in table and "DDPM" in table and "Autoguidance" in table
+    assert "exact autoguidance ODE" in table
     driver.save_screenshot(str(ARTIFACTS / "demo_testbed.png"))

@@ -5,8 +5,9 @@ Two tabs, each one queued event with a public API name (``/compare`` and ``/test
 * **Compare methods**: the model (the embedded default, a hub id or a local diffusers directory), a class label or
   a prompt, seed, steps, scheduler and up to four guidance texts; one image strip per method from the same seeds,
   captioned with its model calls, wall time and saturation, and a table of the same figures.
-* **Gaussian testbed**: exact densities against samples of CFG with DDIM, CFG with DDPM and PCG on a 1-D
-  Gaussian-mixture model (:mod:`guidekit.app.testbed_view`).
+* **Gaussian testbed**: exact densities against samples of CFG with DDIM, CFG with DDPM, PCG and autoguidance
+  on a 1-D Gaussian-mixture model, and autoguidance against its exact ODE end point
+  (:mod:`guidekit.app.testbed_view`).
 
 Requests queue, one at a time per tab. A bad input shows its message in the page; an unexpected failure shows its
 type and message, and its traceback goes to the server's log only.
@@ -107,10 +108,10 @@ def build_app(comparer: Comparer) -> gr.Blocks:
 
     @_page_errors
     def testbed(preset: str, weight: float, corrector_steps: float, steps: float, num_samples: float,
-                seed: float) -> tuple[Any, list[list[Any]]]:
+                seed: float, weak_factor: float) -> tuple[Any, list[list[Any]]]:
         result = testbed_view.run_testbed(preset, weight=weight, corrector_steps=_as_int(corrector_steps),
                                           steps=_as_int(steps), num_samples=_as_int(num_samples),
-                                          seed=_as_int(seed))
+                                          seed=_as_int(seed), weak_factor=weak_factor)
         return testbed_view.plot_testbed(result), testbed_view.table(result)
 
     with gr.Blocks(title="guidekit demo") as demo:
@@ -148,15 +149,20 @@ def build_app(comparer: Comparer) -> gr.Blocks:
                                      info="gaussian: closed forms apply; mixture: a two-mode class")
                 weight = gr.Number(value=3, label="Guidance weight w")
                 corrector_steps = _integer(gr.Number(value=1, label="PCG corrector steps"))
+                weak_factor = gr.Number(value=2, label="Autoguidance weak factor f", elem_id="testbed-weak-factor",
+                                        info="the weak model: the same mixture, every component's std times f")
             with gr.Row():
                 tb_steps = _integer(gr.Number(value=50, label="Steps"))
                 num_samples = _integer(gr.Number(value=20000, label="Samples per method", elem_id="testbed-samples"))
                 tb_seed = _integer(gr.Number(value=0, label="Seed"))
             tb_run = gr.Button("Run testbed", variant="primary", elem_id="testbed-button")
             plot = gr.Image(label="Samples against exact densities", format="png", elem_id="testbed-plot")
-            tb_table = gr.Dataframe(headers=list(testbed_view.TABLE_HEADERS), label="Per method (last row: the target; "
-                                    "its W1 is the sampling-noise floor)", elem_id="testbed-table")
-            tb_run.click(testbed, [preset, weight, corrector_steps, tb_steps, num_samples, tb_seed],
+            tb_table = gr.Dataframe(headers=list(testbed_view.TABLE_HEADERS), label="Per method (W1 to target: to "
+                                    "p(x|c)^w p(x)^(1-w) for CFG and PCG, to p(x|c)^w q(x|c)^(1-w) for "
+                                    "autoguidance). Last rows: the two targets, whose W1 is the sampling-noise "
+                                    "floor, and the exact autoguidance ODE, whose W1 is to its target",
+                                    elem_id="testbed-table")
+            tb_run.click(testbed, [preset, weight, corrector_steps, tb_steps, num_samples, tb_seed, weak_factor],
                          [plot, tb_table], api_name="testbed")
     demo.queue(default_concurrency_limit=1, max_size=64)
     return demo

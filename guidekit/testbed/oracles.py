@@ -14,6 +14,10 @@ Gaussian:
   mean ``h(0)^2 int_0^S 2 s j(s) / h(s)^2 ds``;
 * the ``w``-powered target ``p(x | c)^w p(x)^(1-w)``: precision ``w / sc^2 + (1 - w) / su^2``.
 
+Autoguidance (Karras et al. 2024) with a weak model ``q(x | c) = N(mc, sq^2)`` of ``p(x | c)``, ``D_q + w (D_c -
+D_q)``, is the same denoiser with ``(mu, su) = (mc, sq)``: ``GaussianCFGOracle(mc, sc, mc, sq, w)``. Then
+``j(s) = mc k(s)``, so the ODE is a contraction towards ``mc``: ``x(0) = mc + (h(0) / h(S)) (x(S) - mc)``.
+
 The integrals are evaluated by Gauss-Legendre quadrature after ``s = tan(theta)``, which maps
 ``[0, inf)`` onto a finite interval with a bounded integrand; 400 nodes give about 1e-12.
 
