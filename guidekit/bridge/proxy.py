@@ -232,7 +232,7 @@ class GuidedDenoiser:
         learned variance, which the caller passes through from the conditional rows). ``extra`` holds, per pass
         of ``masks``, the rows of the samples whose mask is set."""
         guided = masks[UNCOND]
-        n_guided = len(extra[UNCOND])
+        n_guided = extra[UNCOND].shape[0]
         for p, v in extra.items():
             if isinstance(p.perturbation, OtherDenoiser) and v.shape[1:] != cond.shape[1:]:
                 weak = p.perturbation.module
@@ -252,7 +252,7 @@ class GuidedDenoiser:
         # Read once, after the call: the sum is finite when every element is, and costs one reduction.
         self._finite.append((ctx.step, ctx.level, pred.sum(dtype=_SUM_DTYPES.get(pred.dtype))))
         if self._receiver is not None:  # samples without an unconditional row pass their conditional one
-            if n_guided != len(guided):
+            if n_guided != guided.shape[0]:
                 full = cond.clone()
                 full[guided.nonzero().flatten().to(cond.device)] = uncond
                 uncond = full
@@ -431,7 +431,7 @@ class GuidedDenoiser:
         perturbed rows the guidance may ask for (native PAG computes them at every call)."""
         s = self.stats
         guided = masks[UNCOND]
-        b = len(guided)
+        b = guided.shape[0]
         n_guided = sum(guided.tolist())
         s.computed[COND.name] += b
         s.computed[UNCOND.name] += n_guided

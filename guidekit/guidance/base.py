@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -143,6 +143,16 @@ class Pass:
 
     name: str
     perturbation: Perturbation | None = None
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.name, self.perturbation)))  # dict keys at every call
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type, tuple[str, Perturbation | None]]:
+        return Pass, (self.name, self.perturbation)  # the hash is remade: string hashes differ between processes
 
 
 #: The conditional prediction; computed for every sample at every call.
@@ -292,7 +302,7 @@ class PerturbedGuidance(Guidance):
         return frozenset({self.perturbed}) if self.scale > 0 else frozenset()
 
     def needs(self, ctx: GuidanceContext, state: Any, scale: float | None = None) -> PassMasks:
-        return {self.perturbed: constant_mask(len(ctx.rows), self.weight(ctx, scale) > 0)}
+        return {self.perturbed: constant_mask(ctx.rows.shape[0], self.weight(ctx, scale) > 0)}
 
     def guide(self, preds: Predictions, ctx: GuidanceContext, state: Any, scale: float | None = None
               ) -> torch.Tensor:
@@ -330,7 +340,7 @@ class TwoPassGuidance(Guidance):
     def needs_unconditional(self, ctx: GuidanceContext, state: Any = None, scale: float | None = None
                             ) -> torch.Tensor:
         """Boolean CPU mask over ``ctx.rows``: which samples need the unconditional prediction."""
-        return constant_mask(len(ctx.rows), True)
+        return constant_mask(ctx.rows.shape[0], True)
 
     def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext, state: Any = None,
                 scale: float | None = None) -> torch.Tensor:
@@ -366,7 +376,7 @@ class WeightedGuidance(TwoPassGuidance):
     def needs_unconditional(self, ctx: GuidanceContext, state: Any = None, scale: float | None = None
                             ) -> torch.Tensor:
         weight = self.scale if scale is None else scale
-        return constant_mask(len(ctx.rows), weight != 1.0)
+        return constant_mask(ctx.rows.shape[0], weight != 1.0)
 
     def combine(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext, state: Any = None,
                 scale: float | None = None) -> torch.Tensor:
