@@ -6,6 +6,7 @@ import argparse
 import datetime
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -41,12 +42,19 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(runs: dict[str, Callable[[], Any]], repeats: int, device: str) -> dict[str, list[float]]:
-    """Time each run ``repeats`` times, rotating their order every round so drift hits all alike."""
+def interleaved(runs: dict[str, Callable[[], Any]], repeats: int, device: str, *, shuffle: bool = False
+                ) -> dict[str, list[float]]:
+    """Time each run ``repeats`` times, rotating their order every round so drift hits all alike.
+
+    With ``shuffle``, each round's order is a random permutation (seeded) instead: a rotation keeps every run after
+    the same one, which biases runs whose time depends on what ran just before them (caches, the allocator).
+    """
     times: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
+    rng = random.Random(0)
     for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        order = rng.sample(names, len(names)) if shuffle else names[r % len(names):] + names[:r % len(names)]
+        for name in order:
             sync(device)
             start = time.perf_counter()
             runs[name]()
