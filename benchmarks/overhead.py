@@ -9,6 +9,10 @@ does not depend on the network's speed at all: the time spent inside guidekit's 
 forward, per denoiser call (``GuidedDenoiser.__call__`` minus its forwards, clocked during the guided runs), and the
 ratio it implies, ``1 + proxy time per pipeline call / native median``. The pipeline's own combination of the
 ``[g; g]`` the proxy returns costs what its native combination costs, so the proxy time is what guidekit adds.
+
+``--stub-network`` replaces the denoiser by the output of its first call (the network then costs nothing), which
+isolates the proxy's own time from the network's speed and cache effects; the wall-time ratios are then not
+meaningful.
 """
 
 from __future__ import annotations
@@ -51,10 +55,21 @@ def proxy_clock() -> Iterator[dict[str, float]]:
         GuidedDenoiser.__call__, GuidedDenoiser._forward = call, forward  # type: ignore[method-assign]
 
 
+def stub_network(pipe: object, call: dict, device: str) -> None:
+    """Make the pipeline's denoiser return the output of its first call, whatever its inputs."""
+    denoiser = getattr(pipe, "transformer", None) or pipe.unet  # type: ignore[attr-defined]
+    outputs: list[object] = []
+    forward = denoiser.forward
+    denoiser.forward = lambda *a, **k: outputs.append(forward(*a, **k)) or outputs[-1]
+    pipe(**call, generator=torch.Generator(device).manual_seed(0))  # type: ignore[operator]
+    denoiser.forward = lambda *a, **k: outputs[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", default=[f for f in FAMILIES if f != "sd-v"])
     add_common_arguments(parser, steps=20, repeats=15)
+    parser.add_argument("--stub-network", action="store_true", help="the denoiser returns its first output")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")
@@ -67,6 +82,8 @@ def main() -> None:
         scale_arg = "true_cfg_scale" if model == "flux" else "guidance_scale"
         call = {**call, "num_inference_steps": args.steps, scale_arg: args.scale, "output_type": output_type(model)}
         guidance = guidekit.CFG(args.scale)
+        if args.stub_network:
+            stub_network(pipe, call, args.device)
 
         def native(pipe=pipe, call=call) -> None:
             pipe(**call, generator=torch.Generator(args.device).manual_seed(0))
