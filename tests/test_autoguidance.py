@@ -160,3 +160,45 @@ def test_autoguidance_beside_flux_true_cfg_in_separate_calls() -> None:
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
     assert run.stats.computed == {"cond": 3, "uncond": 3, "weak": 3} and run.stats.model_calls == 9
     assert (plain - expected).abs().max() > 1e-3
+
+
+def test_cfg_plus_pag_plus_autoguidance_on_tiny_sd() -> None:
+    """Two perturbed passes at once: PAG's rows share the main forward ``[u; c; c_pag]``, the weak network runs a
+    forward of its own. The oracle is diffusers' ``StableDiffusionPAGPipeline`` (``u + w (c - u) + s (c - p)``) whose
+    UNet, wrapped here, returns ``c' = c + (a - 1) / (w + s) (c - D_weak)`` in place of its conditional rows: the
+    result gains exactly ``(a - 1) (c - D_weak)``, the autoguidance term."""
+    from diffusers import StableDiffusionPAGPipeline
+
+    from guidekit import PAG
+
+    pipe = build_tiny_pipeline("sd")
+    pipe.set_progress_bar_config(disable=True)
+    weak = _weak_unet(pipe)
+    native = StableDiffusionPAGPipeline(**pipe.components, pag_applied_layers=["mid"])
+    native.set_progress_bar_config(disable=True)
+    call = {**tiny_call_kwargs("sd"), "num_inference_steps": 3, "output_type": "pt", "guidance_scale": 5.0}
+    original = native.unet.forward
+
+    def oracle(sample, timestep, encoder_hidden_states, *args, **kwargs):  # type: ignore[no-untyped-def]
+        out = original(sample, timestep, encoder_hidden_states, *args, **kwargs)
+        b = len(sample) // 3
+        cond = slice(b, 2 * b)
+        d_weak = weak(sample[cond], timestep, encoder_hidden_states[cond], return_dict=False)[0]
+        c = out[0][cond]
+        pred = out[0].clone()
+        pred[cond] = c + (2.0 - 1.0) / (5.0 + 3.0) * (c - d_weak)
+        return (pred,)
+
+    native.unet.forward = oracle
+    try:
+        expected = native(**call, pag_scale=3.0, generator=torch.Generator().manual_seed(0)).images
+    finally:
+        del native.unet.forward
+    with guidekit.guided(pipe, CFG(5) + PAG(3) + AutoGuidance(weak, 2.0)) as run:
+        ours = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+    assert run.stats.computed == {"cond": 3, "uncond": 3, "pag:mid": 3, "weak": 3} and run.stats.model_calls == 6
+    with guidekit.guided(pipe, CFG(5) + PAG(3)):
+        assert (pipe(**call, generator=torch.Generator().manual_seed(0)).images - expected).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"at most one pass with a changed self-attention"):
+        pipe.set_guidance(CFG(5) + PAG(3) + guidekit.SEG(3))

@@ -97,9 +97,13 @@ def _make_guided_class(cls: type) -> type:
     })
 
 
-def _perturbed_pass(guidance: Guidance) -> Pass | None:
-    """The perturbed pass ``guidance`` may ask for (``set_guidance`` has checked that there is at most one)."""
-    return next((p for p in guidance.passes() if p.perturbation is not None), None)
+def _perturbed_passes(guidance: Guidance) -> tuple[Pass | None, tuple[Pass, ...]]:
+    """The perturbed passes ``guidance`` may ask for: the one that changes attention (it shares the main forward;
+    ``set_guidance`` has checked that there is at most one), and those that run as forwards of their own, in a
+    fixed order."""
+    perturbed = sorted((p for p in guidance.passes() if p.perturbation is not None), key=lambda p: p.name)
+    shared = next((p for p in perturbed if isinstance(p.perturbation, AttentionPerturbation)), None)
+    return shared, tuple(p for p in perturbed if p is not shared)
 
 
 def _weak_networks(pipe: DiffusionPipeline, family: Family, path: str | None = None) -> dict[str, torch.nn.Module]:
@@ -114,7 +118,8 @@ def _weak_networks(pipe: DiffusionPipeline, family: Family, path: str | None = N
 
 def _check_passes(pipe: DiffusionPipeline, family: Family, guidance: Guidance) -> None:
     """A ``ValueError`` naming ``guidance`` unless this bridge evaluates its passes on ``pipe``: the conditional
-    and unconditional ones and at most one perturbed pass, whose layers or network suit the pipeline's denoiser."""
+    and unconditional ones, at most one pass with a changed self-attention, and any passes with skipped layers or
+    another network, whose layers or networks suit the pipeline's denoiser."""
     change = guidance.conditional_change()
     if change is not None:
         if not isinstance(change, NegativePromptAttention):
@@ -124,25 +129,24 @@ def _check_passes(pipe: DiffusionPipeline, family: Family, guidance: Guidance) -
     perturbed = [p for p in guidance.passes() if p.perturbation is not None]
     unsupported = [p for p in guidance.passes() - _SUPPORTED_PASSES
                    if not isinstance(p.perturbation, (AttentionPerturbation, SkipLayers, OtherDenoiser))]
-    if unsupported or len(perturbed) > 1:
+    attention = [p for p in perturbed if isinstance(p.perturbation, AttentionPerturbation)]
+    if unsupported or len(attention) > 1:
         raise ValueError(f"guidance={guidance!r} is not accepted; it asks for the passes "
                          f"{', '.join(sorted(p.name for p in guidance.passes()))}, and this bridge evaluates "
-                         f"{', '.join(sorted(p.name for p in _SUPPORTED_PASSES))} and at most one perturbed pass "
-                         "(a changed self-attention, skipped layers or another network) beside the conditional one")
-    if not perturbed:
-        return
-    perturbation = perturbed[0].perturbation
+                         f"{', '.join(sorted(p.name for p in _SUPPORTED_PASSES))}, at most one pass with a changed "
+                         "self-attention, and any passes with skipped layers or another network")
     denoiser = getattr(pipe, family.denoiser)
-    if isinstance(perturbation, SkipLayers):
-        check_skip_layers(denoiser, perturbation.layers)
-    elif isinstance(perturbation, OtherDenoiser):
-        if isinstance(perturbation.module, str):
-            _weak_networks(pipe, family, perturbation.module)
-        elif perturbation.module is denoiser:
-            raise ValueError(f"weak={type(denoiser).__name__} is not accepted; it is the pipeline's own "
-                             f"{family.denoiser}, expected another (weaker) network")
-    else:
-        resolve_layers(denoiser, perturbation.layers)  # type: ignore[union-attr]
+    for perturbation in (p.perturbation for p in perturbed):
+        if isinstance(perturbation, SkipLayers):
+            check_skip_layers(denoiser, perturbation.layers)
+        elif isinstance(perturbation, OtherDenoiser):
+            if isinstance(perturbation.module, str):
+                _weak_networks(pipe, family, perturbation.module)
+            elif perturbation.module is denoiser:
+                raise ValueError(f"weak={type(denoiser).__name__} is not accepted; it is the pipeline's own "
+                                 f"{family.denoiser}, expected another (weaker) network")
+        else:
+            resolve_layers(denoiser, perturbation.layers)  # type: ignore[union-attr]
 
 
 def set_guidance(pipe: DiffusionPipeline, guidance: Guidance | str | None) -> DiffusionPipeline:
@@ -226,14 +230,14 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, bound: inspect.Bou
     proxy = GuidedDenoiser(denoiser.forward, guidance, family, pipe.scheduler, batched,
                            float(bound.arguments.get(family.scale_arg) or 1.0), compiled=is_compiled(denoiser))
     denoiser.forward = proxy
-    proxy.perturbed = _perturbed_pass(guidance)
+    proxy.shared, proxy.own = _perturbed_passes(guidance)
     proxy.weak_networks = _weak_networks(pipe, family)
     proxy.denoiser, proxy.skips_itself = denoiser, takes_skip_layers(denoiser)
     try:
         with ExitStack() as perturbing:
-            if proxy.perturbed is not None and isinstance(proxy.perturbed.perturbation, AttentionPerturbation):
+            if proxy.shared is not None:
                 proxy.processors = perturbing.enter_context(
-                    perturbation_processors(denoiser, proxy.perturbed.perturbation))  # type: ignore[arg-type]
+                    perturbation_processors(denoiser, proxy.shared.perturbation))  # type: ignore[arg-type]
             change = guidance.conditional_change()
             if isinstance(change, NegativePromptAttention):
                 negative = encode_negative(pipe, change.negative_prompt, pipe._execution_device,

@@ -178,9 +178,11 @@ class GuidedDenoiser:
         self._pending: tuple[GuidanceContext, PassMasks, torch.Tensor, Any, dict[Pass, torch.Tensor]] | None = None
         # A sampler that renoises with the unconditional prediction (CFG++) receives it at every call.
         self._receiver = scheduler if isinstance(scheduler, TakesUnconditional) else None
-        #: The perturbed pass the guidance may ask for, and the attention processors that apply it to the last rows
-        #: of a forward (set by the bridge for the pipeline call; see :mod:`guidekit.bridge.perturb`).
-        self.perturbed: Pass | None = None
+        #: The perturbed passes the guidance may ask for (set by the bridge for the pipeline call; see
+        #: :mod:`guidekit.bridge.perturb`): at most one changes attention and shares the main forward, its rows last,
+        #: run by ``processors``; the others (skipped layers, another network) run as forwards of their own.
+        self.shared: Pass | None = None
+        self.own: tuple[Pass, ...] = ()
         self.processors: list[Any] = []
         #: For skipped layers: the denoiser, and whether its forward skips them itself (``skip_layers``) or hooks do.
         self.denoiser: torch.nn.Module | None = None
@@ -278,16 +280,23 @@ class GuidedDenoiser:
         first, second = slice(0, b), slice(b, n)
         cond_rows, uncond_rows = (first, second) if self.family.cond_first or not self.batched else (second, first)
         ctx, masks = self._begin(sample[cond_rows], timestep, b, kwargs)
-        perturbed = masks.get(self.perturbed) if self.perturbed is not None else None
+        done = self._own_forwards(args, kwargs, masks, cond_rows.start, n)
+        perturbed = masks.get(self.shared) if self.shared is not None else None
         n_perturbed = 0 if perturbed is None else sum(perturbed.tolist())
-        perturbation = None if self.perturbed is None else self.perturbed.perturbation
-        if n_perturbed and isinstance(perturbation, (SkipLayers, OtherDenoiser)):  # a forward of its own first
-            rows = perturbed.nonzero().flatten() + cond_rows.start  # type: ignore[union-attr]
-            p_args, p_kwargs = self._select(args, kwargs, rows, n)
-            done = {self.perturbed: self._perturbed_forward(perturbation, p_args, p_kwargs)}
-            return self._main_call(args, kwargs, n, ctx, masks, cond_rows, uncond_rows, None, done)  # type: ignore[dict-item]
         return self._main_call(args, kwargs, n, ctx, masks, cond_rows, uncond_rows, perturbed if n_perturbed else None,
-                               {})
+                               done)
+
+    def _own_forwards(self, args: tuple, kwargs: dict, masks: PassMasks, first_cond: int, n: int
+                      ) -> dict[Pass, torch.Tensor]:
+        """The predictions of the passes that run as forwards of their own, on the conditional rows (from row
+        ``first_cond`` of the call's ``n``) of the samples that need them."""
+        done: dict[Pass, torch.Tensor] = {}
+        for p in self.own:
+            mask = masks.get(p)
+            if mask is not None and bool(mask.any()):
+                p_args, p_kwargs = self._select(args, kwargs, mask.nonzero().flatten() + first_cond, n)
+                done[p] = self._perturbed_forward(p.perturbation, p_args, p_kwargs)  # type: ignore[arg-type]
+        return done
 
     def _perturbed_forward(self, perturbation: SkipLayers | OtherDenoiser, args: tuple, kwargs: dict
                            ) -> torch.Tensor:
@@ -341,7 +350,7 @@ class GuidedDenoiser:
         cond, uncond = (main[:b], main[b:]) if self.family.cond_first else (main[n_guided:], main[:n_guided])
         extra = {UNCOND: uncond, **done}
         if n_perturbed:
-            extra[self.perturbed] = out[len(out) - n_perturbed:]  # type: ignore[index]
+            extra[self.shared] = out[len(out) - n_perturbed:]  # type: ignore[index]
         pred = self._full(self._combine(ctx, cond, extra, masks), cond)
         return _with_output(result, torch.cat([pred, pred]) if self.batched else pred)
 
@@ -358,12 +367,7 @@ class GuidedDenoiser:
         if self._pending is None:
             ctx, masks = self._begin(sample, timestep, b, kwargs)
             result = self._forward(*args, **kwargs)
-            done: dict[Pass, torch.Tensor] = {}
-            perturbed = masks.get(self.perturbed) if self.perturbed is not None else None
-            if perturbed is not None and bool(perturbed.any()):  # skipped layers or a weak network: own forward
-                p_args, p_kwargs = self._select(args, kwargs, perturbed.nonzero().flatten(), b)
-                done[self.perturbed] = self._perturbed_forward(self.perturbed.perturbation, p_args,  # type: ignore
-                                                               p_kwargs)
+            done = self._own_forwards(args, kwargs, masks, 0, b)
             self._pending = (ctx, masks, _output_tensor(result), result, done)
             return result
         ctx, masks, cond, result, done = self._pending
@@ -437,12 +441,11 @@ class GuidedDenoiser:
         s.computed[UNCOND.name] += n_guided
         if self.batched:
             s.skipped[UNCOND.name] += b - n_guided
-        if self.perturbed is not None:
-            mask = masks.get(self.perturbed)
+        for p in self.own if self.shared is None else (self.shared, *self.own):
+            mask = masks.get(p)
             done = 0 if mask is None else sum(mask.tolist())
-            name = self.perturbed.name
-            s.computed[name] = s.computed.get(name, 0) + done
-            s.skipped[name] = s.skipped.get(name, 0) + b - done
+            s.computed[p.name] = s.computed.get(p.name, 0) + done
+            s.skipped[p.name] = s.skipped.get(p.name, 0) + b - done
         if n_guided == b:
             s.uncond_rows_per_sample = [n + 1 for n in s.uncond_rows_per_sample]
         elif n_guided:
