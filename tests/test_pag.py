@@ -288,10 +288,32 @@ def test_pag_on_pixart_equals_diffusers_pixart_pag_pipeline() -> None:
     assert (pipe(**call, generator=torch.Generator().manual_seed(0)).images - expected).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize(("family", "processor"), [("sd3", "JointAttnProcessor2_0"),
-                                                   ("sana", "SanaLinearAttnProcessor2_0")])
-def test_joint_and_linear_attention_are_refused_by_name(family: str, processor: str) -> None:
+@pytest.mark.parametrize(("family", "guidance", "processor"), [
+    ("sd3", guidekit.SEG(3, layers="transformer_blocks.0"), "JointAttnProcessor2_0"),
+    ("sana", PAG(3, layers="transformer_blocks.0"), "SanaLinearAttnProcessor2_0"),
+    ("sana", guidekit.SEG(3, layers="transformer_blocks.0"), "SanaLinearAttnProcessor2_0"),
+])
+def test_joint_and_linear_attention_are_refused_by_name(family: str, guidance: object, processor: str) -> None:
     pipe = build_tiny_pipeline(family)
-    for guidance in (PAG(3, layers="transformer_blocks.0"), guidekit.SEG(3, layers="transformer_blocks.0")):
-        with pytest.raises(ValueError, match=rf"^layers=\['transformer_blocks.0'\] is not accepted for .*{processor}"):
-            pipe.set_guidance(CFG(5) + guidance)
+    with pytest.raises(ValueError, match=rf"^layers=\['transformer_blocks.0'\] is not accepted for .*{processor}"):
+        pipe.set_guidance(CFG(5) + guidance)
+
+
+def test_pag_on_sd3_joint_attention_equals_diffusers_sd3_pag_pipeline() -> None:
+    """SD3's joint text-image attention: the perturbed image tokens attend to themselves alone among the image tokens
+    (diffusers' ``PAGCFGJointAttnProcessor2_0``). On tiny SD3 (no query-key norm) CFG + PAG equals
+    ``StableDiffusion3PAGPipeline`` with the same components and layer."""
+    from diffusers import StableDiffusion3PAGPipeline
+
+    pipe = build_tiny_pipeline("sd3")
+    pipe.set_progress_bar_config(disable=True)
+    components = {k: v for k, v in pipe.components.items() if k not in ("image_encoder", "feature_extractor")}
+    native = StableDiffusion3PAGPipeline(**components, pag_applied_layers=["blocks.1"])
+    native.set_progress_bar_config(disable=True)
+    call = {**tiny_call_kwargs("sd3"), "num_inference_steps": STEPS, "output_type": "pt", "guidance_scale": 5.0}
+    expected = native(**call, pag_scale=3.0, generator=torch.Generator().manual_seed(0)).images
+    with guidekit.guided(pipe, CFG(5) + PAG(3, layers="transformer_blocks.1")) as run:
+        ours = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+    assert run.stats.computed["pag:transformer_blocks.1"] == STEPS and run.stats.model_calls == STEPS
+    assert (pipe(**call, generator=torch.Generator().manual_seed(0)).images - expected).abs().max() > 1e-3

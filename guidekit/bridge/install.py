@@ -39,6 +39,7 @@ from guidekit.guidance.base import (
     AttentionPerturbation,
     BringsSampler,
     Guidance,
+    IdentitySelfAttention,
     NegativePromptAttention,
     OtherDenoiser,
     Pass,
@@ -146,7 +147,8 @@ def _check_passes(pipe: DiffusionPipeline, family: Family, guidance: Guidance) -
                 raise ValueError(f"weak={type(denoiser).__name__} is not accepted; it is the pipeline's own "
                                  f"{family.denoiser}, expected another (weaker) network")
         else:
-            resolve_layers(denoiser, perturbation.layers)  # type: ignore[union-attr]
+            resolve_layers(denoiser, perturbation.layers,  # type: ignore[union-attr]
+                           joint=isinstance(perturbation, IdentitySelfAttention))
 
 
 def set_guidance(pipe: DiffusionPipeline, guidance: Guidance | str | None) -> DiffusionPipeline:

@@ -27,9 +27,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers.hooks._helpers import TransformerBlockRegistry
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor
+from diffusers.models.attention_processor import (
+    Attention,
+    AttnProcessor,
+    AttnProcessor2_0,
+    JointAttnProcessor2_0,
+    XFormersAttnProcessor,
+)
 
-from guidekit.guidance.base import AttentionPerturbation, BlurredQueries
+from guidekit.guidance.base import AttentionPerturbation, BlurredQueries, IdentitySelfAttention
 
 #: The attention processors of plain (non-joint, softmax) attention, which the perturbed rows' attention replaces.
 PLAIN_PROCESSORS = (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor)
@@ -50,9 +56,11 @@ def _matches(pattern: str, name: str) -> bool:
     return any(parts[i:i + len(want)] == want for i in range(len(parts) - len(want) + 1))
 
 
-def resolve_layers(denoiser: torch.nn.Module, layers: tuple[str, ...]) -> dict[str, Attention]:
+def resolve_layers(denoiser: torch.nn.Module, layers: tuple[str, ...], *, joint: bool = False
+                   ) -> dict[str, Attention]:
     """The self-attention modules the patterns ``layers`` match; a ``ValueError`` naming ``layers`` and listing the
-    denoiser's attention blocks if a pattern matches none."""
+    denoiser's attention blocks if a pattern matches none, or naming the processor of a module that is not plain
+    softmax self-attention (or, with ``joint``, SD3's joint text-image attention, ``JointAttnProcessor2_0``)."""
     modules = self_attention_modules(denoiser)
     if not modules:
         raise ValueError(f"layers={list(layers)!r} is not accepted for {type(denoiser).__name__}, which has no "
@@ -67,12 +75,19 @@ def resolve_layers(denoiser: torch.nn.Module, layers: tuple[str, ...]) -> dict[s
                              f"('mid' stands for 'mid_block')")
         chosen.update(found)
     for name, module in chosen.items():
-        if getattr(module, "add_q_proj", None) is not None or not isinstance(module.processor, PLAIN_PROCESSORS):
+        plain = getattr(module, "add_q_proj", None) is None and isinstance(module.processor, PLAIN_PROCESSORS)
+        if not plain and not (joint and is_joint(module)):
+            also = "and SD3's joint text-image attention " if joint else ""
             raise ValueError(f"layers={list(layers)!r} is not accepted for {type(denoiser).__name__}: {name} runs "
-                             f"{type(module.processor).__name__}, and the perturbed attention replaces plain "
-                             "softmax self-attention only (the UNets, PixArt, DiT); joint text-image attention (SD3, "
-                             "Flux) and linear attention (Sana) are not supported yet")
+                             f"{type(module.processor).__name__}; this change replaces plain softmax self-attention "
+                             f"{also}only (the UNets, PixArt, DiT{', SD3' if joint else ''}); Flux's attention and "
+                             "linear attention (Sana) are not supported yet")
     return chosen
+
+
+def is_joint(module: Attention) -> bool:
+    """Whether the module is SD3's joint text-image attention (diffusers' ``JointAttnProcessor2_0``)."""
+    return getattr(module, "add_q_proj", None) is not None and isinstance(module.processor, JointAttnProcessor2_0)
 
 
 def takes_skip_layers(denoiser: torch.nn.Module) -> bool:
@@ -152,6 +167,9 @@ class RowPerturbedAttention:
 
         kept = self.original(attn, hidden_states[:n], head(encoder_hidden_states), head(attention_mask), head(temb),
                              *args, **kwargs)
+        if isinstance(kept, tuple):  # joint attention: image and text streams
+            image, text = _joint_identity(attn, hidden_states[n:], encoder_hidden_states[n:])  # type: ignore[index]
+            return torch.cat([kept[0], image]), torch.cat([kept[1], text])
         return torch.cat([kept, self._perturbed(attn, hidden_states[n:], None if temb is None else temb[n:])])
 
     def _perturbed(self, attn: Attention, hidden_states: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
@@ -192,6 +210,41 @@ class RowPerturbedAttention:
         return out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype)
 
 
+def _joint_identity(attn: Attention, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PAG on SD3's joint attention (diffusers' ``PAGCFGJointAttnProcessor2_0`` perturbed path): the image tokens
+    attend to themselves alone among the image tokens (and to every text token); the text tokens attend to all. The
+    module's query and key norms apply as in ``JointAttnProcessor2_0`` (diffusers' PAG processor leaves them out)."""
+    b, n = image.shape[:2]
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.view(b, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
+
+    query, key, value = heads(attn.to_q(image)), heads(attn.to_k(image)), heads(attn.to_v(image))
+    text_query, text_key = heads(attn.add_q_proj(text)), heads(attn.add_k_proj(text))
+    text_value = heads(attn.add_v_proj(text))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    if attn.norm_added_q is not None:
+        text_query = attn.norm_added_q(text_query)
+    if attn.norm_added_k is not None:
+        text_key = attn.norm_added_k(text_key)
+    query, key = torch.cat([query, text_query], dim=2), torch.cat([key, text_key], dim=2)
+    value = torch.cat([value, text_value], dim=2)
+    size = query.shape[2]
+    mask = torch.zeros((size, size), device=query.device, dtype=query.dtype)
+    mask[:n, :n] = float("-inf")
+    mask[:n, :n].fill_diagonal_(0)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
+    out = out.transpose(1, 2).reshape(b, -1, attn.heads * query.shape[-1]).to(query.dtype)
+    image_out, text_out = out[:, :n], out[:, n:]
+    image_out = attn.to_out[1](attn.to_out[0](image_out))
+    if not attn.context_pre_only:
+        text_out = attn.to_add_out(text_out)
+    return image_out, text_out
+
+
 def token_grid(tokens: int, latent_size: tuple[int, int]) -> tuple[int, int]:
     """The ``(height, width)`` of a layer's ``tokens`` tokens: the latent's size halved, rounding up, until the count
     matches (UNet levels; 2 x 2 patches); a ``ValueError`` if no halving does."""
@@ -229,7 +282,7 @@ def perturbation_processors(denoiser: torch.nn.Module, perturbation: AttentionPe
                             ) -> Iterator[list[RowPerturbedAttention]]:
     """Install :class:`RowPerturbedAttention` on the modules ``perturbation`` names for the block; yield the
     processors (set their ``perturbed_rows`` around a forward); put the modules' own processors back after."""
-    modules = resolve_layers(denoiser, perturbation.layers)
+    modules = resolve_layers(denoiser, perturbation.layers, joint=isinstance(perturbation, IdentitySelfAttention))
     saved = {name: m.processor for name, m in modules.items()}
     processors = []
     try:
