@@ -290,7 +290,6 @@ def test_pag_on_pixart_equals_diffusers_pixart_pag_pipeline() -> None:
 
 @pytest.mark.parametrize(("family", "guidance", "processor"), [
     ("sd3", guidekit.SEG(3, layers="transformer_blocks.0"), "JointAttnProcessor2_0"),
-    ("sana", PAG(3, layers="transformer_blocks.0"), "SanaLinearAttnProcessor2_0"),
     ("sana", guidekit.SEG(3, layers="transformer_blocks.0"), "SanaLinearAttnProcessor2_0"),
 ])
 def test_joint_and_linear_attention_are_refused_by_name(family: str, guidance: object, processor: str) -> None:
@@ -316,4 +315,22 @@ def test_pag_on_sd3_joint_attention_equals_diffusers_sd3_pag_pipeline() -> None:
         ours = pipe(**call, generator=torch.Generator().manual_seed(0)).images
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
     assert run.stats.computed["pag:transformer_blocks.1"] == STEPS and run.stats.model_calls == STEPS
+    assert (pipe(**call, generator=torch.Generator().manual_seed(0)).images - expected).abs().max() > 1e-3
+
+
+def test_pag_on_sana_linear_attention_equals_diffusers_sana_pag_pipeline() -> None:
+    """Sana's linear attention: the perturbed rows get ``to_out(to_v(h))`` (diffusers'
+    ``PAGCFGSanaLinearAttnProcessor2_0``), the other rows Sana's own processor."""
+    from diffusers import SanaPAGPipeline
+
+    pipe = build_tiny_pipeline("sana")
+    pipe.set_progress_bar_config(disable=True)
+    native = SanaPAGPipeline(**pipe.components, pag_applied_layers=["transformer_blocks.1"])
+    native.set_progress_bar_config(disable=True)
+    call = {**tiny_call_kwargs("sana"), "num_inference_steps": STEPS, "output_type": "latent", "guidance_scale": 5.0}
+    expected = native(**call, pag_scale=3.0, generator=torch.Generator().manual_seed(0)).images
+    with guidekit.guided(pipe, CFG(5) + PAG(3, layers="transformer_blocks.1")) as run:
+        ours = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(ours, expected, rtol=2e-5, atol=1e-5)
+    assert run.stats.computed["pag:transformer_blocks.1"] == STEPS
     assert (pipe(**call, generator=torch.Generator().manual_seed(0)).images - expected).abs().max() > 1e-3

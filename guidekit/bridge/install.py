@@ -148,7 +148,7 @@ def _check_passes(pipe: DiffusionPipeline, family: Family, guidance: Guidance) -
                                  f"{family.denoiser}, expected another (weaker) network")
         else:
             resolve_layers(denoiser, perturbation.layers,  # type: ignore[union-attr]
-                           joint=isinstance(perturbation, IdentitySelfAttention))
+                           identity=isinstance(perturbation, IdentitySelfAttention))
 
 
 def set_guidance(pipe: DiffusionPipeline, guidance: Guidance | str | None) -> DiffusionPipeline:

@@ -32,6 +32,7 @@ from diffusers.models.attention_processor import (
     AttnProcessor,
     AttnProcessor2_0,
     JointAttnProcessor2_0,
+    SanaLinearAttnProcessor2_0,
     XFormersAttnProcessor,
 )
 
@@ -56,11 +57,12 @@ def _matches(pattern: str, name: str) -> bool:
     return any(parts[i:i + len(want)] == want for i in range(len(parts) - len(want) + 1))
 
 
-def resolve_layers(denoiser: torch.nn.Module, layers: tuple[str, ...], *, joint: bool = False
+def resolve_layers(denoiser: torch.nn.Module, layers: tuple[str, ...], *, identity: bool = False
                    ) -> dict[str, Attention]:
     """The self-attention modules the patterns ``layers`` match; a ``ValueError`` naming ``layers`` and listing the
     denoiser's attention blocks if a pattern matches none, or naming the processor of a module that is not plain
-    softmax self-attention (or, with ``joint``, SD3's joint text-image attention, ``JointAttnProcessor2_0``)."""
+    softmax self-attention (or, for the ``identity`` change, SD3's joint text-image attention or Sana's linear
+    attention, where diffusers' PAG processors define it)."""
     modules = self_attention_modules(denoiser)
     if not modules:
         raise ValueError(f"layers={list(layers)!r} is not accepted for {type(denoiser).__name__}, which has no "
@@ -76,12 +78,13 @@ def resolve_layers(denoiser: torch.nn.Module, layers: tuple[str, ...], *, joint:
         chosen.update(found)
     for name, module in chosen.items():
         plain = getattr(module, "add_q_proj", None) is None and isinstance(module.processor, PLAIN_PROCESSORS)
-        if not plain and not (joint and is_joint(module)):
-            also = "and SD3's joint text-image attention " if joint else ""
+        special = is_joint(module) or isinstance(module.processor, SanaLinearAttnProcessor2_0)
+        if not plain and not (identity and special):
+            accepted = "plain softmax self-attention (the UNets, PixArt, DiT)"
+            if identity:
+                accepted += ", SD3's joint attention and Sana's linear attention"
             raise ValueError(f"layers={list(layers)!r} is not accepted for {type(denoiser).__name__}: {name} runs "
-                             f"{type(module.processor).__name__}; this change replaces plain softmax self-attention "
-                             f"{also}only (the UNets, PixArt, DiT{', SD3' if joint else ''}); Flux's attention and "
-                             "linear attention (Sana) are not supported yet")
+                             f"{type(module.processor).__name__}; this change applies to {accepted}")
     return chosen
 
 
@@ -159,13 +162,16 @@ class RowPerturbedAttention:
                  **kwargs: Any) -> torch.Tensor:
         k = self.perturbed_rows
         if k == 0:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+            with_temb = () if temb is None else (temb,)
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *with_temb, *args,
+                                 **kwargs)
         n = hidden_states.shape[0] - k
 
         def head(value: Any) -> Any:
             return value[:n] if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == n + k else value
 
-        kept = self.original(attn, hidden_states[:n], head(encoder_hidden_states), head(attention_mask), head(temb),
+        with_temb = () if temb is None else (temb[:n],)  # some processors (Sana's) take no time embedding
+        kept = self.original(attn, hidden_states[:n], head(encoder_hidden_states), head(attention_mask), *with_temb,
                              *args, **kwargs)
         if isinstance(kept, tuple):  # joint attention: image and text streams
             image, text = _joint_identity(attn, hidden_states[n:], encoder_hidden_states[n:])  # type: ignore[index]
@@ -282,7 +288,7 @@ def perturbation_processors(denoiser: torch.nn.Module, perturbation: AttentionPe
                             ) -> Iterator[list[RowPerturbedAttention]]:
     """Install :class:`RowPerturbedAttention` on the modules ``perturbation`` names for the block; yield the
     processors (set their ``perturbed_rows`` around a forward); put the modules' own processors back after."""
-    modules = resolve_layers(denoiser, perturbation.layers, joint=isinstance(perturbation, IdentitySelfAttention))
+    modules = resolve_layers(denoiser, perturbation.layers, identity=isinstance(perturbation, IdentitySelfAttention))
     saved = {name: m.processor for name, m in modules.items()}
     processors = []
     try:
