@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
+from guidekit.bridge.perturb import attention_block, merge_heads, split_heads
 from guidekit.guidance.base import NegativePromptAttention
 from guidekit.guidance.nag import nag_attention
 
@@ -80,42 +81,28 @@ class NAGAttention:
 
     def _guided(self, attn: Attention, hidden_states: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         """The attention block of the positive rows with NAG's output (diffusers' ``AttnProcessor2_0`` around it)."""
-        residual = hidden_states
         if attn.spatial_norm is not None:
             raise ValueError("layers: NAG is not accepted on an attention with a spatial norm")
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        b = hidden_states.shape[0]
-        negative = self.negative.to(prompt.dtype).expand(b, -1, -1)
+        return attention_block(attn, hidden_states, None, lambda h: self._attention(attn, h, prompt))
+
+    def _attention(self, attn: Attention, hidden_states: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """NAG's attention output of the normed tokens: ``Z+`` against the prompt and ``Z-`` against the negative
+        prompt, with the same queries, combined by :func:`~guidekit.guidance.nag.nag_attention`."""
+        negative = self.negative.to(prompt.dtype).expand(hidden_states.shape[0], -1, -1)
         if attn.norm_cross:
             prompt, negative = attn.norm_encoder_hidden_states(prompt), attn.norm_encoder_hidden_states(negative)
-        query = attn.to_q(hidden_states)
-        head_dim = query.shape[-1] // attn.heads
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, -1, attn.heads, head_dim).transpose(1, 2)
-
-        query = heads(query)
+        query = split_heads(attn, attn.to_q(hidden_states))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         outputs = []
         for text in (prompt, negative):
-            key, value = heads(attn.to_k(text)), heads(attn.to_v(text))
+            key, value = split_heads(attn, attn.to_k(text)), split_heads(attn, attn.to_v(text))
             if attn.norm_k is not None:
                 key = attn.norm_k(key)
-            z = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-            outputs.append(z.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype))
+            outputs.append(merge_heads(F.scaled_dot_product_attention(query, key, value, dropout_p=0.0,
+                                                                      is_causal=False)))
         c = self.change
-        hidden_states = attn.to_out[1](attn.to_out[0](nag_attention(*outputs, c.scale, c.tau, c.alpha)))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return nag_attention(*outputs, c.scale, c.tau, c.alpha)
 
 
 @contextmanager

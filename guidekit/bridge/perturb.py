@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -179,55 +179,65 @@ class RowPerturbedAttention:
         return torch.cat([kept, self._perturbed(attn, hidden_states[n:], None if temb is None else temb[n:])])
 
     def _perturbed(self, attn: Attention, hidden_states: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
-        """The perturbed rows' attention block, shaped like diffusers' ``AttnProcessor2_0`` on self-attention."""
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        """The perturbed rows' attention block: blurred-query attention, or the identity (a token's output is its
+        value)."""
         if isinstance(self.perturbation, BlurredQueries):
-            hidden_states = self._blurred_attention(attn, hidden_states)
-        else:  # identity self-attention: the output of a token is its value
-            hidden_states = attn.to_v(hidden_states)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+            return attention_block(attn, hidden_states, temb, lambda h: self._blurred_attention(attn, h))
+        return attention_block(attn, hidden_states, temb, attn.to_v)
 
     def _blurred_attention(self, attn: Attention, hidden_states: torch.Tensor) -> torch.Tensor:
         """Scaled dot-product self-attention with the queries blurred over the token grid (module docstring)."""
-        b, n, _ = hidden_states.shape
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (t.view(b, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        query, key, value = (split_heads(attn, f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        query = blur_queries(query, token_grid(n, self.latent_size), self.perturbation.sigma,  # type: ignore[attr-defined]
-                             infinite=self.perturbation.infinite)  # type: ignore[attr-defined]
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        return out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype)
+        query = blur_queries(query, token_grid(hidden_states.shape[1], self.latent_size),
+                             self.perturbation.sigma, infinite=self.perturbation.infinite)  # type: ignore[attr-defined]
+        return merge_heads(F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False))
+
+
+def split_heads(attn: Attention, t: torch.Tensor) -> torch.Tensor:
+    """``(B, N, heads * d)`` projections as ``(B, heads, N, d)``."""
+    return t.view(t.shape[0], -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """``(B, heads, N, d)`` attention outputs as ``(B, N, heads * d)``."""
+    return t.transpose(1, 2).flatten(2)
+
+
+def attention_block(attn: Attention, hidden_states: torch.Tensor, temb: torch.Tensor | None,
+                    attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """A self- or cross-attention block as diffusers' ``AttnProcessor2_0`` runs it, around a changed attention:
+    spatial and group norms, a 4-D input as tokens, ``attend`` (the normed tokens ``(B, N, C)`` to the attention
+    output before the projection), the output projection, the input's layout, the residual and the output
+    rescaling."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    if input_ndim == 4:
+        batch_size, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    hidden_states = attn.to_out[1](attn.to_out[0](attend(hidden_states)))
+    if input_ndim == 4:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
 
 
 def _joint_identity(attn: Attention, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """PAG on SD3's joint attention (diffusers' ``PAGCFGJointAttnProcessor2_0`` perturbed path): the image tokens
     attend to themselves alone among the image tokens (and to every text token); the text tokens attend to all. The
     module's query and key norms apply as in ``JointAttnProcessor2_0`` (diffusers' PAG processor leaves them out)."""
-    b, n = image.shape[:2]
-
-    def heads(t: torch.Tensor) -> torch.Tensor:
-        return t.view(b, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
-
-    query, key, value = heads(attn.to_q(image)), heads(attn.to_k(image)), heads(attn.to_v(image))
-    text_query, text_key = heads(attn.add_q_proj(text)), heads(attn.add_k_proj(text))
-    text_value = heads(attn.add_v_proj(text))
+    n = image.shape[1]
+    query, key, value = (split_heads(attn, f(image)) for f in (attn.to_q, attn.to_k, attn.to_v))
+    text_query, text_key, text_value = (split_heads(attn, f(text))
+                                        for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
     if attn.norm_q is not None:
         query = attn.norm_q(query)
     if attn.norm_k is not None:
@@ -242,8 +252,8 @@ def _joint_identity(attn: Attention, image: torch.Tensor, text: torch.Tensor) ->
     mask = torch.zeros((size, size), device=query.device, dtype=query.dtype)
     mask[:n, :n] = float("-inf")
     mask[:n, :n].fill_diagonal_(0)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
-    out = out.transpose(1, 2).reshape(b, -1, attn.heads * query.shape[-1]).to(query.dtype)
+    out = merge_heads(F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0,
+                                                     is_causal=False))
     image_out, text_out = out[:, :n], out[:, n:]
     image_out = attn.to_out[1](attn.to_out[0](image_out))
     if not attn.context_pre_only:
