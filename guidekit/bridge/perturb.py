@@ -18,6 +18,7 @@ stands for ``"mid_block"``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Iterator
@@ -95,7 +96,13 @@ def is_joint(module: Attention) -> bool:
 
 def takes_skip_layers(denoiser: torch.nn.Module) -> bool:
     """Whether the denoiser's forward skips blocks itself (``skip_layers``: diffusers' ``SD3Transformer2DModel``)."""
-    return "skip_layers" in inspect.signature(type(denoiser).forward).parameters  # the class's, not a wrapper
+    return _forward_takes_skip_layers(type(denoiser))  # the class's forward, not a wrapper's
+
+
+@functools.cache
+def _forward_takes_skip_layers(cls: type) -> bool:
+    """:func:`takes_skip_layers` of a class, read once (the bridge asks at every pipeline call)."""
+    return "skip_layers" in inspect.signature(cls.forward).parameters
 
 
 def check_skip_layers(denoiser: torch.nn.Module, layers: tuple[int, ...]) -> None:
