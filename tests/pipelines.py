@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import diffusers
@@ -82,3 +84,32 @@ class FirstSampleOnly(guidekit.CFG):
 
     def needs_unconditional(self, ctx: Any, state: Any = None, scale: float | None = None) -> torch.Tensor:
         return ctx.rows == 0
+
+
+#: diffusers' own PAG pipelines of the UNet families, the oracle of PAG and (with SEG's processors) of SEG.
+PAG_PIPELINES = {"sd": diffusers.StableDiffusionPAGPipeline, "sdxl": diffusers.StableDiffusionXLPAGPipeline}
+
+
+def pag_pair(family: str) -> tuple[str, DiffusionPipeline, DiffusionPipeline]:
+    """A fresh tiny pipeline of ``family`` and diffusers' PAG pipeline built from its components (PAG on ``mid``)."""
+    pipe = build_tiny_pipeline(family)
+    pipe.set_progress_bar_config(disable=True)
+    native = PAG_PIPELINES[family](**pipe.components, pag_applied_layers=["mid"])
+    native.set_progress_bar_config(disable=True)
+    return family, pipe, native
+
+
+def images(pipe: DiffusionPipeline, family: str, steps: int, **kwargs: Any) -> torch.Tensor:
+    """The images (``output_type="pt"``) of a call on the family's tiny call arguments, seed 0."""
+    call = {**tiny_call_kwargs(family), "num_inference_steps": steps, "output_type": "pt", **kwargs}
+    return pipe(**call, generator=torch.Generator().manual_seed(0)).images
+
+
+@contextlib.contextmanager
+def forward_replaced(module: torch.nn.Module, forward: Any) -> Iterator[None]:
+    """``module.forward`` is ``forward`` inside the block (an oracle wrapping the module's own), and its own after."""
+    module.forward = forward
+    try:
+        yield
+    finally:
+        del module.forward

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from pipelines import forward_replaced
 
 import guidekit
 from guidekit import CFG, AutoGuidance
@@ -149,11 +150,8 @@ def test_autoguidance_beside_flux_true_cfg_in_separate_calls() -> None:
             return (c + (2.0 - 1.0) / 4.0 * (c - weak(*args, **kwargs)[0]),)
         return out
 
-    pipe.transformer.forward = oracle
-    try:
+    with forward_replaced(pipe.transformer, oracle):
         expected = pipe(**call, generator=torch.Generator().manual_seed(0)).images
-    finally:
-        del pipe.transformer.forward
     plain = pipe(**call, generator=torch.Generator().manual_seed(0)).images
     with guidekit.guided(pipe, CFG(4) + AutoGuidance(weak, 2.0)) as run:
         ours = pipe(**call, generator=torch.Generator().manual_seed(0)).images
@@ -189,11 +187,8 @@ def test_cfg_plus_pag_plus_autoguidance_on_tiny_sd() -> None:
         pred[cond] = c + (2.0 - 1.0) / (5.0 + 3.0) * (c - d_weak)
         return (pred,)
 
-    native.unet.forward = oracle
-    try:
+    with forward_replaced(native.unet, oracle):
         expected = native(**call, pag_scale=3.0, generator=torch.Generator().manual_seed(0)).images
-    finally:
-        del native.unet.forward
     with guidekit.guided(pipe, CFG(5) + PAG(3) + AutoGuidance(weak, 2.0)) as run:
         ours = pipe(**call, generator=torch.Generator().manual_seed(0)).images
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)

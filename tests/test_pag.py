@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_context
-from diffusers import FluxPipeline, StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline
+from diffusers import FluxPipeline
+from pipelines import PAG_PIPELINES, images, pag_pair
 
 import guidekit
 from guidekit import CFG, PAG
@@ -21,21 +22,15 @@ from guidekit.guidance.spec import format_guidance, parse_guidance
 from guidekit.testing.tiny import build_tiny_pipeline, tiny_call_kwargs
 
 STEPS = 4
-PAG_PIPELINES = {"sd": StableDiffusionPAGPipeline, "sdxl": StableDiffusionXLPAGPipeline}
 
 
 @pytest.fixture(scope="module", params=list(PAG_PIPELINES))
 def pipes(request: pytest.FixtureRequest) -> tuple:
-    pipe = build_tiny_pipeline(request.param)
-    pipe.set_progress_bar_config(disable=True)
-    native = PAG_PIPELINES[request.param](**pipe.components, pag_applied_layers=["mid"])
-    native.set_progress_bar_config(disable=True)
-    return request.param, pipe, native
+    return pag_pair(request.param)
 
 
 def _run(pipe, family: str, **kwargs: object) -> torch.Tensor:
-    call = {**tiny_call_kwargs(family), "num_inference_steps": STEPS, "output_type": "pt", **kwargs}
-    return pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    return images(pipe, family, STEPS, **kwargs)
 
 
 @pytest.mark.parametrize(("guidance_scale", "pag_scale", "adaptive"), [(5.0, 3.0, 0.0), (5.0, 3.0, 0.005),
@@ -267,24 +262,38 @@ def test_scheduled_sum_equals_diffusers_pag_with_both_weights_changed_per_step(p
         assert (_run(pipe, family, guidance_scale=5.0) - expected).abs().max() > 1e-3  # the schedule matters
 
 
-def test_pag_on_pixart_equals_diffusers_pixart_pag_pipeline() -> None:
-    """PixArt's transformer blocks have plain self-attention: CFG + PAG on tiny PixArt-Sigma equals diffusers'
-    ``PixArtSigmaPAGPipeline`` with the same components and layer."""
-    from diffusers import PixArtSigmaPAGPipeline
+@pytest.mark.parametrize(("family", "native_class", "native_layer", "output_type", "rtol"), [
+    # PixArt's transformer blocks have plain self-attention.
+    ("pixart", "PixArtSigmaPAGPipeline", "blocks.1", "latent", 2e-5),
+    # SD3's joint text-image attention: the perturbed image tokens attend to themselves alone among the image tokens
+    # (diffusers' PAGCFGJointAttnProcessor2_0); tiny SD3 has no query-key norm, which diffusers' processor omits.
+    ("sd3", "StableDiffusion3PAGPipeline", "blocks.1", "pt", 0.0),
+    # Sana's linear attention: the perturbed rows get to_out(to_v(h)) (PAGCFGSanaLinearAttnProcessor2_0).
+    ("sana", "SanaPAGPipeline", "transformer_blocks.1", "latent", 2e-5),
+])
+def test_pag_on_transformers_equals_diffusers_pag_pipelines(family: str, native_class: str, native_layer: str,
+                                                              output_type: str, rtol: float) -> None:
+    """CFG + PAG on tiny PixArt-Sigma, SD3 and Sana equals diffusers' own PAG pipeline of the family with the same
+    components and layer. Latents (PixArt, Sana) are of size about 20, not images in [0, 1]: float32 rounding of the
+    two ways of adding up the terms (diffusers u + w (c - u) + s (c - p), guidekit's sum of the terms' differences)
+    reaches 1e-4 after 4 steps, hence the relative tolerance there."""
+    import inspect
 
-    pipe = build_tiny_pipeline("pixart")
+    import diffusers
+
+    cls = getattr(diffusers, native_class)
+    pipe = build_tiny_pipeline(family)
     pipe.set_progress_bar_config(disable=True)
-    native = PixArtSigmaPAGPipeline(**pipe.components, pag_applied_layers=["blocks.1"])
+    accepted = inspect.signature(cls).parameters
+    native = cls(**{k: v for k, v in pipe.components.items() if k in accepted}, pag_applied_layers=[native_layer])
     native.set_progress_bar_config(disable=True)
-    call = {**tiny_call_kwargs("pixart"), "num_inference_steps": STEPS, "output_type": "latent",
+    call = {**tiny_call_kwargs(family), "num_inference_steps": STEPS, "output_type": output_type,
             "guidance_scale": 5.0}
     expected = native(**call, pag_scale=3.0, generator=torch.Generator().manual_seed(0)).images
     with guidekit.guided(pipe, CFG(5) + PAG(3, layers="transformer_blocks.1")) as run:
         ours = pipe(**call, generator=torch.Generator().manual_seed(0)).images
-    # Latents of size about 20 (not images in [0, 1]): float32 rounding of the two ways of adding up the terms
-    # (diffusers u + w (c - u) + s (c - p), guidekit's sum of the terms' differences) reaches 1e-4 after 4 steps.
-    torch.testing.assert_close(ours, expected, rtol=2e-5, atol=1e-5)
-    assert run.stats.computed["pag:transformer_blocks.1"] == STEPS
+    torch.testing.assert_close(ours, expected, rtol=rtol, atol=1e-5)
+    assert run.stats.computed["pag:transformer_blocks.1"] == STEPS and run.stats.model_calls == STEPS
     assert (pipe(**call, generator=torch.Generator().manual_seed(0)).images - expected).abs().max() > 1e-3
 
 
@@ -296,41 +305,3 @@ def test_joint_and_linear_attention_are_refused_by_name(family: str, guidance: o
     pipe = build_tiny_pipeline(family)
     with pytest.raises(ValueError, match=rf"^layers=\['transformer_blocks.0'\] is not accepted for .*{processor}"):
         pipe.set_guidance(CFG(5) + guidance)
-
-
-def test_pag_on_sd3_joint_attention_equals_diffusers_sd3_pag_pipeline() -> None:
-    """SD3's joint text-image attention: the perturbed image tokens attend to themselves alone among the image tokens
-    (diffusers' ``PAGCFGJointAttnProcessor2_0``). On tiny SD3 (no query-key norm) CFG + PAG equals
-    ``StableDiffusion3PAGPipeline`` with the same components and layer."""
-    from diffusers import StableDiffusion3PAGPipeline
-
-    pipe = build_tiny_pipeline("sd3")
-    pipe.set_progress_bar_config(disable=True)
-    components = {k: v for k, v in pipe.components.items() if k not in ("image_encoder", "feature_extractor")}
-    native = StableDiffusion3PAGPipeline(**components, pag_applied_layers=["blocks.1"])
-    native.set_progress_bar_config(disable=True)
-    call = {**tiny_call_kwargs("sd3"), "num_inference_steps": STEPS, "output_type": "pt", "guidance_scale": 5.0}
-    expected = native(**call, pag_scale=3.0, generator=torch.Generator().manual_seed(0)).images
-    with guidekit.guided(pipe, CFG(5) + PAG(3, layers="transformer_blocks.1")) as run:
-        ours = pipe(**call, generator=torch.Generator().manual_seed(0)).images
-    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
-    assert run.stats.computed["pag:transformer_blocks.1"] == STEPS and run.stats.model_calls == STEPS
-    assert (pipe(**call, generator=torch.Generator().manual_seed(0)).images - expected).abs().max() > 1e-3
-
-
-def test_pag_on_sana_linear_attention_equals_diffusers_sana_pag_pipeline() -> None:
-    """Sana's linear attention: the perturbed rows get ``to_out(to_v(h))`` (diffusers'
-    ``PAGCFGSanaLinearAttnProcessor2_0``), the other rows Sana's own processor."""
-    from diffusers import SanaPAGPipeline
-
-    pipe = build_tiny_pipeline("sana")
-    pipe.set_progress_bar_config(disable=True)
-    native = SanaPAGPipeline(**pipe.components, pag_applied_layers=["transformer_blocks.1"])
-    native.set_progress_bar_config(disable=True)
-    call = {**tiny_call_kwargs("sana"), "num_inference_steps": STEPS, "output_type": "latent", "guidance_scale": 5.0}
-    expected = native(**call, pag_scale=3.0, generator=torch.Generator().manual_seed(0)).images
-    with guidekit.guided(pipe, CFG(5) + PAG(3, layers="transformer_blocks.1")) as run:
-        ours = pipe(**call, generator=torch.Generator().manual_seed(0)).images
-    torch.testing.assert_close(ours, expected, rtol=2e-5, atol=1e-5)
-    assert run.stats.computed["pag:transformer_blocks.1"] == STEPS
-    assert (pipe(**call, generator=torch.Generator().manual_seed(0)).images - expected).abs().max() > 1e-3

@@ -16,17 +16,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline
+from pipelines import PAG_PIPELINES, images, pag_pair
 
 import guidekit
 from guidekit import CFG, PAG, SEG
 from guidekit.bridge.perturb import blur_queries, resolve_layers
 from guidekit.guidance.base import BlurredQueries
 from guidekit.guidance.spec import format_guidance, parse_guidance
-from guidekit.testing.tiny import build_tiny_pipeline, tiny_call_kwargs
+from guidekit.testing.tiny import build_tiny_pipeline
 
 STEPS = 4
-PAG_PIPELINES = {"sd": StableDiffusionPAGPipeline, "sdxl": StableDiffusionXLPAGPipeline}
 
 
 def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -74,16 +73,11 @@ class SEGProcessor:
 
 @pytest.fixture(scope="module", params=list(PAG_PIPELINES))
 def pipes(request: pytest.FixtureRequest) -> tuple:
-    pipe = build_tiny_pipeline(request.param)
-    pipe.set_progress_bar_config(disable=True)
-    native = PAG_PIPELINES[request.param](**pipe.components, pag_applied_layers=["mid"])
-    native.set_progress_bar_config(disable=True)
-    return request.param, pipe, native
+    return pag_pair(request.param)
 
 
 def _run(pipe, family: str, **kwargs: object) -> torch.Tensor:
-    call = {**tiny_call_kwargs(family), "num_inference_steps": STEPS, "output_type": "pt", **kwargs}
-    return pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    return images(pipe, family, STEPS, **kwargs)
 
 
 def _official(native, family: str, sigma: float, *, guidance_scale: float) -> torch.Tensor:

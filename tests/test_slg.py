@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pipelines import forward_replaced
 
 import guidekit
 from guidekit import CFG, SLG
@@ -119,11 +120,8 @@ def test_slg_on_pixart_skips_blocks_as_diffusers_layer_skip_hook_does() -> None:
             out = torch.cat([out[:b], c + 2.8 / 5.0 * (c - c_skip)])
         return (out,)
 
-    pipe.transformer.forward = oracle
-    try:
+    with forward_replaced(pipe.transformer, oracle):
         expected = pipe(**call, generator=torch.Generator().manual_seed(0)).images
-    finally:
-        del pipe.transformer.forward
     plain = pipe(**call, generator=torch.Generator().manual_seed(0)).images
     with guidekit.guided(pipe, CFG(5) + SLG(2.8, layers=[1], start=0.0, stop=1.0)) as run:
         ours = pipe(**call, generator=torch.Generator().manual_seed(0)).images
