@@ -126,7 +126,8 @@ def test_bad_input_is_refused_by_name() -> None:
                        (lambda: NAG(1.0, negative_prompt="x"), "scale"),
                        (lambda: NAG(-2.0, negative_prompt="x"), "scale"),
                        (lambda: NAG(5.0, negative_prompt="x", tau=0.0), "tau"),
-                       (lambda: NAG(5.0, negative_prompt="x", alpha=1.5), "alpha")]:
+                       (lambda: NAG(5.0, negative_prompt="x", alpha=1.5), "alpha"),
+                       (lambda: NAG(5.0, negative_prompt="x", p=3), "p")]:
         with pytest.raises(ValueError, match=f"^{name}="):
             make()
     with pytest.raises(TypeError, match=r"^inner=.* changes the conditional prediction"):
@@ -139,5 +140,5 @@ def test_bad_input_is_refused_by_name() -> None:
 
 
 def test_text_form_round_trips() -> None:
-    for g in (NAG(5.0, negative_prompt=NEGATIVE), CFG(5.0) + NAG(3.0, negative_prompt="low quality", alpha=0.25)):
+    for g in (NAG(5.0, negative_prompt=NEGATIVE), CFG(5.0) + NAG(3.0, negative_prompt="low quality", alpha=0.25, p=2)):
         assert parse_guidance(format_guidance(g)) == g

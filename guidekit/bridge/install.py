@@ -30,7 +30,7 @@ from diffusers import DiffusionPipeline
 
 from guidekit.bridge.families import Family, family_of_class
 from guidekit.bridge.loading import load_denoiser_like
-from guidekit.bridge.nag import check_nag, encode_negative, nag_processors
+from guidekit.bridge.nag import check_nag, nag_runner
 from guidekit.bridge.perturb import check_skip_layers, perturbation_processors, resolve_layers, takes_skip_layers
 from guidekit.bridge.proxy import GuidanceStats, GuidedDenoiser, is_compiled
 from guidekit.bridge.schedulers import _is_flow, check_scheduler
@@ -242,9 +242,7 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, bound: inspect.Bou
                     perturbation_processors(denoiser, proxy.shared.perturbation))  # type: ignore[arg-type]
             change = guidance.conditional_change()
             if isinstance(change, NegativePromptAttention):
-                negative = encode_negative(pipe, change.negative_prompt, pipe._execution_device,
-                                           bound.arguments.get("clip_skip"))
-                proxy.nag_processors = perturbing.enter_context(nag_processors(denoiser, change, negative))
+                proxy.nag = perturbing.enter_context(nag_runner(pipe, denoiser, change, bound.arguments))
             output = original_call(pipe, *args, **kwargs)
     finally:
         if had_forward:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from guidekit.bridge.families import Family
+from guidekit.bridge.nag import NAGRunner
 from guidekit.bridge.perturb import skipped_blocks
 from guidekit.bridge.schedulers import SchedulerReader, model_space
 from guidekit.guidance.base import (
@@ -189,8 +190,8 @@ class GuidedDenoiser:
         self.skips_itself = True
         #: Weak networks (autoguidance) given by path, loaded by the bridge: path -> network.
         self.weak_networks: dict[str, torch.nn.Module] = {}
-        #: NAG's cross-attention processors (see :mod:`guidekit.bridge.nag`), told the prompt's rows per forward.
-        self.nag_processors: list[Any] = []
+        #: NAG's runner for the pipeline call (see :mod:`guidekit.bridge.nag`), given the prompt's rows per forward.
+        self.nag: NAGRunner | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.family.separate_calls and self.batched:
@@ -305,7 +306,7 @@ class GuidedDenoiser:
         (its output is checked against the denoiser's in :meth:`_combine`)."""
         if isinstance(perturbation, SkipLayers):
             rows = _sample_and_timestep(args, kwargs)[0].shape[0]
-            positive = torch.arange(rows) if self.nag_processors else None
+            positive = torch.arange(rows) if self.nag is not None else None
             if self.skips_itself:
                 return _output_tensor(self._forward(*args, **kwargs, skip_layers=list(perturbation.layers),
                                                     positive=positive))
@@ -326,7 +327,7 @@ class GuidedDenoiser:
         n_guided = sum(guided.tolist())  # cheaper than a tensor reduction for a small CPU mask
         n_perturbed = 0 if perturbed is None else sum(perturbed.tolist())
         if n_guided == b and self.batched and n_perturbed == 0:  # the pipeline's own batch: native arithmetic
-            positive = torch.arange(cond_rows.start, cond_rows.stop) if self.nag_processors else None
+            positive = torch.arange(cond_rows.start, cond_rows.stop) if self.nag is not None else None
             result = self._forward(*args, **kwargs, positive=positive)
             first_half, second_half = _output_tensor(result).chunk(2)
             cond, uncond = (first_half, second_half) if cond_rows.start == 0 else (second_half, first_half)
@@ -340,7 +341,7 @@ class GuidedDenoiser:
         index: slice | torch.Tensor = cond_rows if n_guided == 0 and n_perturbed == 0 else torch.cat(parts)
         sub_args, sub_kwargs = self._select(args, kwargs, index, n)
         positive = None
-        if self.nag_processors:  # the conditional rows, and the perturbed rows that repeat them
+        if self.nag is not None:  # the conditional rows, and the perturbed rows that repeat them
             first_cond = 0 if self.family.cond_first else n_guided
             positive = torch.cat([torch.arange(first_cond, first_cond + b),
                                   torch.arange(b + n_guided, b + n_guided + n_perturbed)])
@@ -366,7 +367,7 @@ class GuidedDenoiser:
         b = sample.shape[0]
         if self._pending is None:
             ctx, masks = self._begin(sample, timestep, b, kwargs)
-            result = self._forward(*args, **kwargs)
+            result = self._forward(*args, **kwargs, positive=torch.arange(b) if self.nag is not None else None)
             done = self._own_forwards(args, kwargs, masks, 0, b)
             self._pending = (ctx, masks, _output_tensor(result), result, done)
             return result
@@ -411,24 +412,26 @@ class GuidedDenoiser:
         """One forward of the network; its last ``perturbed_rows`` rows run with the perturbed pass's change, and
         the rows at ``positive`` (those conditioned on the prompt) with NAG's, if it is set."""
         self.stats.model_calls += 1
-        for processor in self.nag_processors:
-            processor.positive = positive
         if perturbed_rows:
             latent_size = tuple(_sample_and_timestep(args, kwargs)[0].shape[-2:])
             for processor in self.processors:
                 processor.perturbed_rows, processor.latent_size = perturbed_rows, latent_size
         try:
-            if not self.compiled:
-                return self.forward(*args, **kwargs)
-            sample, _ = _sample_and_timestep(args, kwargs)
-            mark_batch_dynamic((args, kwargs), sample.shape[0])
-            with _size_oblivious():
-                return self.forward(*args, **kwargs)
+            if self.nag is not None and positive is not None:
+                return self.nag.run(self._network, args, kwargs, positive)
+            return self._network(args, kwargs)
         finally:
             for processor in self.processors:
                 processor.perturbed_rows = 0
-            for processor in self.nag_processors:
-                processor.positive = None
+
+    def _network(self, args: tuple, kwargs: dict) -> Any:
+        """The network's own forward (with dynamic batch marks when compiled)."""
+        if not self.compiled:
+            return self.forward(*args, **kwargs)
+        sample, _ = _sample_and_timestep(args, kwargs)
+        mark_batch_dynamic((args, kwargs), sample.shape[0])
+        with _size_oblivious():
+            return self.forward(*args, **kwargs)
 
     def _count(self, masks: PassMasks) -> None:
         """Rows computed and skipped per pass. Skipped: unconditional rows when the pipeline batches them, and

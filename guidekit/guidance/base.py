@@ -112,20 +112,22 @@ class OtherDenoiser(Perturbation):
 
 @dataclass(frozen=True)
 class NegativePromptAttention(Perturbation):
-    """The prompt's cross-attention steered away from a negative prompt's, in every cross-attention layer and for
-    every row conditioned on the prompt (NAG; the rule is :func:`guidekit.guidance.nag.nag_attention`).
+    """The prompt's attention steered away from a negative prompt's, in every cross- or joint-attention layer and
+    for every row conditioned on the prompt (NAG; the rule is :func:`guidekit.guidance.nag.nag_attention`).
 
     Attributes:
         negative_prompt: the text whose keys and values give the negative attention output.
         scale: the extrapolation weight ``s > 1`` (the official ``nag_scale``).
-        tau: the cap of the per-token L1 norm ratio (``nag_tau``).
+        tau: the cap of the per-token norm ratio (``nag_tau``).
         alpha: the blend towards the capped output (``nag_alpha``).
+        p: the order of the per-token norms (1 or 2).
     """
 
     negative_prompt: str
     scale: float
     tau: float
     alpha: float
+    p: int = 1
 
     kind: ClassVar[str] = "negative_prompt_attention"
 

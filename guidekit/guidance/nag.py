@@ -3,10 +3,10 @@ Negative Guidance for Diffusion Models", arXiv:2505.21179).
 
 NAG guides inside attention instead of on predictions. In every cross-attention layer, for the rows conditioned on
 the prompt, with ``Z+ = Attn(Q, K+, V+)`` the attention output of the prompt and ``Z- = Attn(Q, K-, V-)`` that of
-the negative prompt (the same queries), per token, with L1 norms over the features (the official
-``NAGAttnProcessor2_0``):
+the negative prompt (the same queries), per token, with ``L^p`` norms over the features (``p = 1``: the paper and
+the official ``NAGAttnProcessor2_0``; ``p = 2``: the official first Flux release, ``NAGFluxAttnProcessor2_0``):
 
-    Z~ = s Z+ - (s - 1) Z-,        r = ||Z~||_1 / ||Z+||_1,        Z^ = Z~ min(r, tau) / r,
+    Z~ = s Z+ - (s - 1) Z-,        r = ||Z~||_p / ||Z+||_p,        Z^ = Z~ min(r, tau) / r,
     Z  = alpha Z^ + (1 - alpha) Z+
 
 then the layer's output projection as usual. It adds no network evaluation, only the negative prompt's keys,
@@ -36,12 +36,12 @@ from guidekit.limits import MAX_PROMPT_CHARS, check_text
 from guidekit.validation import check_number
 
 
-def nag_attention(positive: torch.Tensor, negative: torch.Tensor, scale: float, tau: float, alpha: float
-                  ) -> torch.Tensor:
+def nag_attention(positive: torch.Tensor, negative: torch.Tensor, scale: float, tau: float, alpha: float,
+                  p: int = 1) -> torch.Tensor:
     """NAG's attention output from the prompt's ``positive`` and the negative prompt's ``negative`` outputs
-    ``(..., tokens, features)`` (module docstring)."""
+    ``(..., tokens, features)``, with ``L^p`` norms over the features (module docstring)."""
     guided = positive * scale - negative * (scale - 1)
-    ratio = guided.norm(p=1, dim=-1, keepdim=True) / positive.norm(p=1, dim=-1, keepdim=True)
+    ratio = guided.norm(p=p, dim=-1, keepdim=True) / positive.norm(p=p, dim=-1, keepdim=True)
     capped = guided * torch.clamp(ratio, max=tau) / ratio
     return capped * alpha + positive * (1 - alpha)
 
@@ -56,12 +56,15 @@ class NAG(Guidance):
         negative_prompt: the text to steer away from; required.
         tau: the cap ``tau > 0`` of the norm ratio (official 2.5).
         alpha: the blend ``alpha`` in ``[0, 1]`` towards the capped output (official SDXL 0.5, Flux 0.25).
+        p: the order of the per-token norms, 1 (the paper, the official SD/SDXL processor) or 2 (the official
+            first Flux release).
     """
 
     scale: float
     negative_prompt: str = ""
     tau: float = 2.5
     alpha: float = 0.5
+    p: int = 1
 
     def __post_init__(self) -> None:
         set_field(self, "scale", check_number("scale", self.scale, low=1.0, low_open=True))
@@ -71,9 +74,12 @@ class NAG(Guidance):
         check_text("negative_prompt", self.negative_prompt, high=MAX_PROMPT_CHARS, limit="MAX_PROMPT_CHARS")
         set_field(self, "tau", check_number("tau", self.tau, low=0.0, low_open=True))
         set_field(self, "alpha", check_number("alpha", self.alpha, low=0.0, high=1.0))
+        if isinstance(self.p, bool) or self.p not in (1, 2):
+            raise ValueError(f"p={self.p!r} is not accepted; expected 1 or 2 (the order of NAG's per-token norms)")
+        set_field(self, "p", int(self.p))
 
     def conditional_change(self) -> NegativePromptAttention:
-        return NegativePromptAttention(self.negative_prompt, self.scale, self.tau, self.alpha)
+        return NegativePromptAttention(self.negative_prompt, self.scale, self.tau, self.alpha, self.p)
 
     def passes(self) -> frozenset[Pass]:
         return frozenset()
