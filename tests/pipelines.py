@@ -14,7 +14,7 @@ from diffusers import DiffusionPipeline
 
 import guidekit
 from guidekit.bridge.schedulers import make_scheduler
-from guidekit.testing.tiny import build_tiny_pipeline, tiny_call_kwargs
+from guidekit.testing.tiny import VIDEO_FAMILIES, build_tiny_pipeline, tiny_call_kwargs
 
 VP_FAMILIES = ("sd", "sd-v", "sdxl", "dit", "pixart")
 FLOW_FAMILIES = ("sd3", "sana")
@@ -42,6 +42,8 @@ def final_latents(pipe: DiffusionPipeline, family: str, *, steps: int = 4, seed:
     """The latents a call ends with (DiT always decodes, so its decoder input is captured)."""
     call = {**tiny_call_kwargs(family, batch_size), "num_inference_steps": steps, **kwargs}
     generator = torch.Generator().manual_seed(seed)
+    if family in VIDEO_FAMILIES:
+        return pipe(**call, generator=generator, output_type="latent").frames
     if family != "dit":
         return pipe(**call, generator=generator, output_type="latent").images
     captured: list[torch.Tensor] = []
@@ -72,7 +74,8 @@ def count_rows(pipe: DiffusionPipeline, denoiser: str) -> tuple[list[int], Any]:
     """Record the rows the network really evaluates: a forward hook on its first layer (the patch embedding
     or input convolution), below anything guidekit wraps."""
     module = getattr(pipe, denoiser)
-    first = getattr(module, "conv_in", None) or getattr(module, "x_embedder", None) or module.pos_embed
+    first = (getattr(module, "conv_in", None) or getattr(module, "x_embedder", None)
+             or getattr(module, "patch_embedding", None) or module.pos_embed)
     rows: list[int] = []
     handle = first.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
     return rows, handle

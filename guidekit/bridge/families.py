@@ -19,6 +19,10 @@ class Family:
         negative_args: for separate calls, the ``__call__`` arguments of which one must be given for the
             unconditional call to happen.
         unbatched_args: denoiser arguments that never carry the batch (token positions).
+        experts: further denoiser attributes the pipeline switches to during sampling, each with its own scale
+            argument in ``expert_scale_args`` (Wan 2.2's low-noise ``transformer_2`` and ``guidance_scale_2``; a
+            ``None`` argument means ``scale_arg``'s value, an absent module no expert).
+        expert_scale_args: the scale argument of each expert in ``experts``.
         token_positions: for a denoiser of packed latents (each token a 2 x 2 patch), the argument that holds the
             tokens' positions, ``(N, 3)`` rows ``[0, row, column]`` (Flux's ``img_ids``); the guidance context's
             ``grid`` is read from it.
@@ -32,13 +36,15 @@ class Family:
     negative_args: tuple[str, ...] = ()
     unbatched_args: tuple[str, ...] = ()
     token_positions: str | None = None
+    experts: tuple[str, ...] = ()
+    expert_scale_args: tuple[str, ...] = ()
 
 
 _UNET = Family("unet")
 _TRANSFORMER = Family("transformer")
 _SD3 = Family("transformer", unsupported_args=("skip_guidance_layers",))
 
-#: Pipeline class name -> family. Every entry but Flux calls its denoiser once per step with the
+#: Pipeline class name -> family. Entries without ``separate_calls`` call their denoiser once per step with the
 #: unconditional and conditional rows batched.
 FAMILIES: dict[str, Family] = {
     **dict.fromkeys((
@@ -58,6 +64,10 @@ FAMILIES: dict[str, Family] = {
     "FluxPipeline": Family("transformer", scale_arg="true_cfg_scale", separate_calls=True,
                            negative_args=("negative_prompt", "negative_prompt_embeds"),
                            unbatched_args=("txt_ids", "img_ids"), token_positions="img_ids"),
+    # Wan 2.1 / 2.2: two calls per step; 2.2 switches to transformer_2 (guidance_scale_2) below its boundary.
+    **dict.fromkeys(("WanPipeline", "WanImageToVideoPipeline"),
+                    Family("transformer", separate_calls=True, experts=("transformer_2",),
+                           expert_scale_args=("guidance_scale_2",))),
 }
 
 

@@ -210,6 +210,12 @@ def _check_call(pipe: DiffusionPipeline, family: Family, guidance: Guidance,
                              f"the pipeline makes its unconditional call only with {family.scale_arg} > 1 and a "
                              f"negative prompt (expected one of {', '.join(family.negative_args)})")
         batched = False
+    for name, scale_arg in zip(family.experts, family.expert_scale_args, strict=True):
+        expert_scale = arguments.get(scale_arg)
+        if batched and getattr(pipe, name, None) is not None and expert_scale is not None and expert_scale == 1:
+            raise ValueError(f"{scale_arg}={expert_scale!r} is not accepted while guidance {guidance!r} is set: the "
+                             f"pipeline's combination with it ignores the unconditional prediction of {name}; "
+                             f"expected None or a value other than 1")
     rescale = arguments.get("guidance_rescale") or 0.0
     if rescale > 0:
         raise ValueError(f"guidance_rescale={rescale!r} is not accepted while a guidance is set; expected 0 "
@@ -227,28 +233,37 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, bound: inspect.Bou
     bound.apply_defaults()
     batched = _check_call(pipe, family, guidance, bound.arguments)
     denoiser = getattr(pipe, family.denoiser)
-    had_forward = "forward" in denoiser.__dict__
-    saved_forward = denoiser.__dict__.get("forward")
-    proxy = GuidedDenoiser(denoiser.forward, guidance, family, pipe.scheduler, batched,
-                           float(bound.arguments.get(family.scale_arg) or 1.0), compiled=is_compiled(denoiser))
-    denoiser.forward = proxy
+    scale = float(bound.arguments.get(family.scale_arg) or 1.0)
+    proxy = GuidedDenoiser(denoiser.forward, guidance, family, pipe.scheduler, batched, scale,
+                           compiled=is_compiled(denoiser))
+    stand_ins = {denoiser: proxy}
+    for name, scale_arg in zip(family.experts, family.expert_scale_args, strict=True):
+        expert = getattr(pipe, name, None)
+        if expert is not None:
+            expert_scale = bound.arguments.get(scale_arg)
+            stand_ins[expert] = proxy.expert(expert.forward, scale if expert_scale is None else float(expert_scale))
+    saved = {module: module.__dict__.get("forward") for module in stand_ins}
+    for module, stand_in in stand_ins.items():
+        module.forward = stand_in
     proxy.shared, proxy.own = _perturbed_passes(guidance)
     proxy.weak_networks = _weak_networks(pipe, family)
-    proxy.denoiser, proxy.skips_itself = denoiser, takes_skip_layers(denoiser)
+    proxy.denoisers, proxy.skips_itself = list(stand_ins), takes_skip_layers(denoiser)
     try:
         with ExitStack() as perturbing:
             if proxy.shared is not None:
-                proxy.processors = perturbing.enter_context(
-                    perturbation_processors(denoiser, proxy.shared.perturbation))  # type: ignore[arg-type]
+                for module in stand_ins:
+                    proxy.processors += perturbing.enter_context(
+                        perturbation_processors(module, proxy.shared.perturbation))  # type: ignore[arg-type]
             change = guidance.conditional_change()
             if isinstance(change, NegativePromptAttention):
                 proxy.nag = perturbing.enter_context(nag_runner(pipe, denoiser, change, bound.arguments))
             output = original_call(pipe, *args, **kwargs)
     finally:
-        if had_forward:
-            denoiser.forward = saved_forward
-        else:
-            del denoiser.forward
+        for module, forward in saved.items():
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
         pipe.__dict__["guidance_stats"] = proxy.stats
     proxy.check_finite()  # no image made from a prediction that was not finite
     return output

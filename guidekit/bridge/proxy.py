@@ -16,9 +16,10 @@ docs/benchmarks.md).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -43,6 +44,14 @@ from guidekit.parameterization import NoiseLevel
 from guidekit.samplers.protocols import TakesUnconditional
 
 
+class StepRows(NamedTuple):
+    """The rows of one guided prediction: ``expert`` 0 is the pipeline's main denoiser, 1 its first expert (Wan
+    2.2's ``transformer_2``); ``computed`` maps pass names to rows."""
+
+    expert: int
+    computed: dict[str, int]
+
+
 @dataclass
 class GuidanceStats:
     """Network work of the last guided pipeline call.
@@ -54,12 +63,14 @@ class GuidanceStats:
         skipped: per pass name, rows that native CFG would have evaluated and the guidance did not need (the
             conditional pass is always evaluated).
         uncond_rows_per_sample: unconditional rows evaluated for each sample of the batch.
+        steps: per guided prediction (one per solver call), the denoiser that ran it and the rows it computed.
     """
 
     model_calls: int = 0
     computed: dict[str, int] = field(default_factory=lambda: {COND.name: 0, UNCOND.name: 0})
     skipped: dict[str, int] = field(default_factory=lambda: {COND.name: 0, UNCOND.name: 0})
     uncond_rows_per_sample: list[int] = field(default_factory=list)
+    steps: list[StepRows] = field(default_factory=list)
 
     @property
     def cond_rows(self) -> int:
@@ -152,17 +163,21 @@ class GuidedDenoiser:
         batched: whether the pipeline evaluates the unconditional branch at all (its scale ``> 1``).
         pipeline_scale: the pipeline's own guidance scale (needed for separate-call pipelines).
         compiled: whether the denoiser is compiled (:func:`is_compiled`): its forwards get dynamic batch marks.
+
+    Pipelines that switch denoisers (Wan 2.2) get one stand-in per further expert from :meth:`expert`; they share
+    the call's state, and each call knows which expert runs it (``GuidanceContext.expert``).
     """
 
     def __init__(self, forward: Callable[..., Any], guidance: Guidance, family: Family, scheduler: Any,
                  batched: bool, pipeline_scale: float = 1.0, compiled: bool = False) -> None:
-        self.forward = forward
+        self.forwards = [forward]
+        self.scales = [pipeline_scale]
+        self._expert = 0
         self.compiled = compiled
         self.guidance = guidance
         self.family = family
         self.scheduler = scheduler
         self.batched = batched
-        self.pipeline_scale = pipeline_scale
         self.stats = GuidanceStats()
         self.state: Any = None  # the guidance's per-call state, made at the first denoiser call
         # (step, noise level, sum in at least float32) of every guided prediction, read once after the call
@@ -185,8 +200,9 @@ class GuidedDenoiser:
         self.shared: Pass | None = None
         self.own: tuple[Pass, ...] = ()
         self.processors: list[Any] = []
-        #: For skipped layers: the denoiser, and whether its forward skips them itself (``skip_layers``) or hooks do.
-        self.denoiser: torch.nn.Module | None = None
+        #: For skipped layers: the denoiser of each expert, and whether its forward skips them itself
+        #: (``skip_layers``) or hooks do.
+        self.denoisers: list[torch.nn.Module] = []
         self.skips_itself = True
         #: Weak networks (autoguidance) given by path, loaded by the bridge: path -> network.
         self.weak_networks: dict[str, torch.nn.Module] = {}
@@ -194,6 +210,20 @@ class GuidedDenoiser:
         self.nag: NAGRunner | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call(0, args, kwargs)
+
+    def expert(self, forward: Callable[..., Any], pipeline_scale: float) -> Callable[..., Any]:
+        """The stand-in for the ``forward`` of the pipeline's next expert, whose own scale is ``pipeline_scale``."""
+        self.forwards.append(forward)
+        self.scales.append(pipeline_scale)
+        return functools.partial(_call_expert, self, len(self.forwards) - 1)
+
+    def call(self, expert: int, args: tuple, kwargs: dict) -> Any:
+        """One call of the pipeline to its denoiser ``expert``."""
+        if self._pending is not None and expert != self._expert:
+            raise RuntimeError(f"guidekit expected the unconditional call of denoiser {self._expert}, got a call "
+                               f"of denoiser {expert}")
+        self._expert = expert
         if self.family.separate_calls and self.batched:
             return self._separate_call(args, kwargs)
         return self._batched_call(args, kwargs)
@@ -215,7 +245,7 @@ class GuidedDenoiser:
         ctx = GuidanceContext(x=sample, level=state.level, model_space=self._space, step=state.step,
                               num_steps=state.num_steps, step_sigma=self._step_sigma, tau=self._tau,
                               corrector=state.corrector, rows=self._rows, batch_size=b,
-                              grid=self._latent_grid)
+                              grid=self._latent_grid, expert=self._expert)
         masks = dict(self.guidance.needs(ctx, self.state))
         if not self.batched or UNCOND not in masks:
             masks[UNCOND] = constant_mask(b, False)
@@ -310,7 +340,7 @@ class GuidedDenoiser:
             if self.skips_itself:
                 return _output_tensor(self._forward(*args, **kwargs, skip_layers=list(perturbation.layers),
                                                     positive=positive))
-            with skipped_blocks(self.denoiser, perturbation.layers):  # type: ignore[arg-type]
+            with skipped_blocks(self.denoisers[self._expert], perturbation.layers):
                 return _output_tensor(self._forward(*args, **kwargs, positive=positive))
         self.stats.model_calls += 1
         module = perturbation.module
@@ -383,7 +413,7 @@ class GuidedDenoiser:
         else:
             uncond = cond[:0]
         pred = self._full(self._combine(ctx, cond, {UNCOND: uncond, **done}, masks), cond)
-        return _with_output(result, cond + (cond - pred) / (self.pipeline_scale - 1.0))
+        return _with_output(result, cond + (cond - pred) / (self.scales[self._expert] - 1.0))
 
     def check_finite(self) -> None:
         """Raise a ``ValueError`` naming the guidance and the first step whose guided prediction was not finite.
@@ -426,12 +456,13 @@ class GuidedDenoiser:
 
     def _network(self, args: tuple, kwargs: dict) -> Any:
         """The network's own forward (with dynamic batch marks when compiled)."""
+        forward = self.forwards[self._expert]
         if not self.compiled:
-            return self.forward(*args, **kwargs)
+            return forward(*args, **kwargs)
         sample, _ = _sample_and_timestep(args, kwargs)
         mark_batch_dynamic((args, kwargs), sample.shape[0])
         with _size_oblivious():
-            return self.forward(*args, **kwargs)
+            return forward(*args, **kwargs)
 
     def _count(self, masks: PassMasks) -> None:
         """Rows computed and skipped per pass. Skipped: unconditional rows when the pipeline batches them, and
@@ -442,6 +473,7 @@ class GuidedDenoiser:
         n_guided = sum(guided.tolist())
         s.computed[COND.name] += b
         s.computed[UNCOND.name] += n_guided
+        step = {COND.name: b, UNCOND.name: n_guided}
         if self.batched:
             s.skipped[UNCOND.name] += b - n_guided
         for p in self.own if self.shared is None else (self.shared, *self.own):
@@ -449,10 +481,16 @@ class GuidedDenoiser:
             done = 0 if mask is None else sum(mask.tolist())
             s.computed[p.name] = s.computed.get(p.name, 0) + done
             s.skipped[p.name] = s.skipped.get(p.name, 0) + b - done
+            step[p.name] = done
+        s.steps.append(StepRows(self._expert, step))
         if n_guided == b:
             s.uncond_rows_per_sample = [n + 1 for n in s.uncond_rows_per_sample]
         elif n_guided:
             s.uncond_rows_per_sample = [n + g for n, g in zip(s.uncond_rows_per_sample, guided.tolist(), strict=True)]
+
+
+def _call_expert(proxy: GuidedDenoiser, expert: int, *args: Any, **kwargs: Any) -> Any:
+    return proxy.call(expert, args, kwargs)
 
 
 #: The dtype a prediction is summed in for the finite check (``None``: its own).

@@ -26,6 +26,7 @@ from guidekit.guidance.cfg import CFG
 from guidekit.guidance.cfg_norm import CFGNorm
 from guidekit.guidance.cfg_zero import CFGZeroStar
 from guidekit.guidance.cfgpp import CFGPP
+from guidekit.guidance.experts import ByExpert
 from guidekit.guidance.fdg import FDG
 from guidekit.guidance.interval import Interval
 from guidekit.guidance.linear_ag import LinearAG, LinearAGFit, PredictionRecorder, fit_linear_ag
@@ -59,6 +60,7 @@ __all__ = [
     "AutoGuidance",
     "BlurredQueries",
     "BringsSampler",
+    "ByExpert",
     "CFGNorm",
     "CFGZeroStar",
     "Guidance",

@@ -187,6 +187,8 @@ class GuidanceContext:
         grid: for a latent packed into tokens, ``(B, N, 4C)`` with each token a 2x2 patch of ``C`` channels (Flux,
             Qwen-Image), the ``(height, width)`` of the unpacked latent; ``None`` for a latent laid out as
             ``(B, C, H, W)`` or ``(B, C, T, H, W)``.
+        expert: which of the pipeline's denoisers runs this call: 0 for its main one, 1 for the first expert it
+            switches to (Wan 2.2's low-noise ``transformer_2``).
     """
 
     x: torch.Tensor
@@ -200,6 +202,7 @@ class GuidanceContext:
     rows: torch.Tensor
     batch_size: int
     grid: tuple[int, int] | None = None
+    expert: int = 0
 
     @property
     def sigma(self) -> float:

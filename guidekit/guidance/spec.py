@@ -23,6 +23,7 @@ from guidekit.guidance.cfg import CFG
 from guidekit.guidance.cfg_norm import CFGNorm
 from guidekit.guidance.cfg_zero import CFGZeroStar
 from guidekit.guidance.cfgpp import CFGPP
+from guidekit.guidance.experts import ByExpert
 from guidekit.guidance.fdg import FDG
 from guidekit.guidance.interval import Interval
 from guidekit.guidance.linear_ag import LinearAG, LinearAGFit
@@ -56,6 +57,7 @@ NAMES: dict[type[Guidance], str] = {
     FDG: "fdg",
     NAG: "nag",
     AutoGuidance: "autoguidance",
+    ByExpert: "by_expert",
 }
 #: Values that are not guidance methods but appear as arguments of one.
 VALUES: dict[type, str] = {LinearAGFit: "linear_ag_fit"}

@@ -16,6 +16,7 @@ import torch
 from diffusers import (
     AutoencoderDC,
     AutoencoderKL,
+    AutoencoderKLWan,
     ControlNetModel,
     DDIMScheduler,
     DiffusionPipeline,
@@ -36,6 +37,8 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    WanPipeline,
+    WanTransformer3DModel,
 )
 from torch import nn
 from transformers import (
@@ -49,6 +52,8 @@ from transformers import (
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
+    UMT5Config,
+    UMT5EncoderModel,
 )
 
 __all__ = [
@@ -60,7 +65,7 @@ __all__ = [
     "tiny_call_kwargs",
 ]
 
-FAMILIES: tuple[str, ...] = ("sd", "sd-v", "sdxl", "dit", "pixart", "sd3", "sana", "flux")
+FAMILIES: tuple[str, ...] = ("sd", "sd-v", "sdxl", "dit", "pixart", "sd3", "sana", "flux", "wan", "wan22")
 
 DEFAULT_SAMPLE_SIZE = 16
 """Default latent side length; every tiny autoencoder downsamples by 2, so images are 32 x 32 pixels."""
@@ -68,6 +73,10 @@ DEFAULT_SAMPLE_SIZE = 16
 _VAE_SCALE_FACTOR = 2
 _TEXT_DIM = 32
 _MAX_SEQUENCE_LENGTH = 16
+_WAN_VAE_SCALE_FACTOR = 8
+_NUM_FRAMES = 5
+#: The video families: their pipelines return ``frames``, and their latents are ``(B, C, T, H, W)``.
+VIDEO_FAMILIES: tuple[str, ...] = ("wan", "wan22")
 _CHARS = string.digits + string.ascii_letters + string.punctuation
 
 _M = TypeVar("_M", bound=nn.Module)
@@ -122,9 +131,11 @@ def tiny_call_kwargs(family: str, batch_size: int = 1, *, sample_size: int | Non
     size = _check_size(family, sample_size)
     if family == "dit":
         return {"class_labels": [1] * batch_size}
-    side = size * _VAE_SCALE_FACTOR
+    side = size * (_WAN_VAE_SCALE_FACTOR if family in VIDEO_FAMILIES else _VAE_SCALE_FACTOR)
     kwargs: dict[str, Any] = {"prompt": ["a red cat"] * batch_size, "height": side, "width": side}
-    if family in ("pixart", "sd3", "sana", "flux"):
+    if family in VIDEO_FAMILIES:
+        kwargs["num_frames"] = _NUM_FRAMES
+    if family in ("pixart", "sd3", "sana", "flux", *VIDEO_FAMILIES):
         kwargs["max_sequence_length"] = _MAX_SEQUENCE_LENGTH
     if family in ("pixart", "sana"):
         kwargs["use_resolution_binning"] = False
@@ -548,6 +559,30 @@ def _build_flux(seed: int, size: int) -> FluxPipeline:
     )
 
 
+def _build_wan(seed: int, size: int, *, experts: int = 1) -> WanPipeline:
+    """Wan 2.1 layout (UMT5 text encoder, causal 3-D VAE with 8x spatial and 4x temporal compression, 3-D
+    transformer with patches 1 x 2 x 2); with ``experts=2`` Wan 2.2 A14B's: a second, low-noise transformer below the
+    official T2V boundary 0.875."""
+    tokenizer, t5 = _t5(seed + 3)
+    umt5 = UMT5Config(**{k: v for k, v in t5.config.to_dict().items() if k in UMT5Config().to_dict()})
+    transformers = [
+        _init(seed + 10 * i, WanTransformer3DModel, patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+              in_channels=16, out_channels=16, text_dim=_TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=2,
+              cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+        for i in range(experts)
+    ]
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_init(seed + 3, UMT5EncoderModel, umt5),
+        vae=_init(seed + 1, AutoencoderKLWan, base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                  temperal_downsample=[False, True, True]),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=transformers[0],
+        transformer_2=transformers[1] if experts > 1 else None,
+        boundary_ratio=0.875 if experts > 1 else None,
+    )
+
+
 _BUILDERS: dict[str, Callable[[int, int], DiffusionPipeline]] = {
     "sd": lambda seed, size: _build_sd(seed, size, "epsilon"),
     "sd-v": lambda seed, size: _build_sd(seed, size, "v_prediction"),
@@ -557,4 +592,6 @@ _BUILDERS: dict[str, Callable[[int, int], DiffusionPipeline]] = {
     "sd3": _build_sd3,
     "sana": _build_sana,
     "flux": _build_flux,
+    "wan": _build_wan,
+    "wan22": lambda seed, size: _build_wan(seed, size, experts=2),
 }
