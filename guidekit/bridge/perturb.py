@@ -105,14 +105,24 @@ def _forward_takes_skip_layers(cls: type) -> bool:
     return "skip_layers" in inspect.signature(cls.forward).parameters
 
 
+def block_list(denoiser: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The denoiser's list of transformer blocks (``transformer_blocks``; ``blocks`` in Wan), or ``None``."""
+    for name in ("transformer_blocks", "blocks"):
+        blocks = getattr(denoiser, name, None)
+        if isinstance(blocks, torch.nn.ModuleList):
+            return blocks
+    return None
+
+
 def check_skip_layers(denoiser: torch.nn.Module, layers: tuple[int, ...]) -> None:
     """Raise a ``ValueError`` naming ``layers`` unless the denoiser can skip each of those blocks: its forward takes
-    ``skip_layers``, or it has a ``transformer_blocks`` list (the blocks are then skipped by :func:`skipped_blocks`)."""
+    ``skip_layers``, or it has a list of transformer blocks (:func:`block_list`; the blocks are then skipped by
+    :func:`skipped_blocks`)."""
     name = type(denoiser).__name__
-    blocks = getattr(denoiser, "transformer_blocks", None)
-    if not takes_skip_layers(denoiser) and not isinstance(blocks, torch.nn.ModuleList):
+    blocks = block_list(denoiser)
+    if not takes_skip_layers(denoiser) and blocks is None:
         raise ValueError(f"layers={list(layers)!r} is not accepted for {name}, which has no transformer_blocks; "
-                         "expected a transformer denoiser (SD3, PixArt, DiT, Sana)")
+                         "expected a transformer denoiser (SD3, PixArt, DiT, Sana, Wan)")
     count = len(blocks) if blocks is not None else 0
     if max(layers) >= count:
         raise ValueError(f"layers={list(layers)!r} is not accepted; {name} has {count} transformer blocks, "
@@ -131,7 +141,8 @@ def check_skip_layers(denoiser: torch.nn.Module, layers: tuple[int, ...]) -> Non
 
 @contextmanager
 def skipped_blocks(denoiser: torch.nn.Module, layers: tuple[int, ...]) -> Iterator[None]:
-    """Inside the block, the denoiser's ``transformer_blocks`` at ``layers`` return their input hidden states
+    """Inside the block, the denoiser's transformer blocks (:func:`block_list`) at ``layers`` return their input hidden
+    states
     unchanged (a skipped block; the rule of SD3's ``skip_layers`` and diffusers' ``TransformerBlockSkipHook``). A block
     whose output is not one tensor shaped like its input (joint blocks return two streams) raises a ``ValueError``
     naming ``layers``."""
@@ -144,7 +155,8 @@ def skipped_blocks(denoiser: torch.nn.Module, layers: tuple[int, ...]) -> Iterat
                              "their hidden states (PixArt, DiT, Sana) or a denoiser that takes skip_layers (SD3)")
         return hidden
 
-    handles = [denoiser.transformer_blocks[i].register_forward_hook(skip, with_kwargs=True) for i in layers]
+    blocks = block_list(denoiser)
+    handles = [blocks[i].register_forward_hook(skip, with_kwargs=True) for i in layers]  # type: ignore[index]
     try:
         yield
     finally:

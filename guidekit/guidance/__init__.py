@@ -36,7 +36,7 @@ from guidekit.guidance.pag import PAG
 from guidekit.guidance.pcg import PCG
 from guidekit.guidance.schedules import SCHEDULES, Scheduled, schedule_weight
 from guidekit.guidance.seg import SEG
-from guidekit.guidance.slg import SLG
+from guidekit.guidance.slg import SLG, STG
 from guidekit.guidance.spec import GuidanceSyntaxError, format_guidance, parse_guidance
 from guidekit.guidance.tcfg import TCFG
 
@@ -53,6 +53,7 @@ __all__ = [
     "SCHEDULES",
     "SEG",
     "SLG",
+    "STG",
     "TCFG",
     "UNCOND",
     "AdaptiveGuidance",

@@ -1,5 +1,6 @@
 """Skip Layer Guidance (SLG; Stability AI's SD3.5 reference sampler, and diffusers' ``StableDiffusion3Pipeline``
-``skip_guidance_layers``).
+``skip_guidance_layers``) and Spatiotemporal Skip Guidance (STG; Hyung et al., CVPR 2025, arXiv:2411.18664, its
+STG-R mode).
 
 The perturbed prediction ``D_s`` is the conditional one with chosen transformer blocks skipped
 (:class:`~guidekit.guidance.base.SkipLayers`); inside a window of the solver steps the guided prediction gains
@@ -9,6 +10,11 @@ The perturbed prediction ``D_s`` is the conditional one with chosen transformer 
 so ``CFG(w) + SLG(s)`` is ``D_u + w (D_c - D_u) + s (D_c - D_s)``, the SD3 pipeline's rule. The window is the SD3
 pipeline's: step ``i`` of ``N`` is inside when ``N start < i < N stop`` (both strict); outside it no skipped-layer
 row is computed. The rule is linear with coefficients summing to 1, so it runs in the model's own space.
+
+STG-R is the same rule at every step, on video transformers (the official LTX-Video and CogVideoX pipelines:
+``u + w (c - u) + s (c - p)`` in one forward, ``p`` with whole blocks skipped, their residual only): ``CFG(w) +
+STG(s, layers)``; a window in sigma comes from ``Interval``. Its STG-A mode (image tokens attending only to
+themselves in the chosen blocks) is another perturbation and not built.
 """
 
 from __future__ import annotations
@@ -66,3 +72,27 @@ class SLG(PerturbedGuidance):
     def weight(self, ctx: GuidanceContext, scale: float | None = None) -> float:
         """The weight inside the window (``scale`` if given, else the method's), 0 outside it."""
         return (self.scale if scale is None else scale) if self.inside(ctx) else 0.0
+
+
+@dataclass(frozen=True)
+class STG(PerturbedGuidance):
+    """Spatiotemporal Skip Guidance, STG-R: ``D_c + s (D_c - D_s)`` at every step, ``D_s`` with ``layers`` skipped
+    (module docstring).
+
+    Args:
+        scale: the weight ``s >= 0`` (the official LTX-Video ``stg_scale``, 1; CogVideoX's example 4; the official
+            HunyuanVideo ``stg_scale`` is ``s + 1``).
+        layers: the transformer blocks skipped in the perturbed pass (LTX-Video's ``stg_block_idx``, 19).
+    """
+
+    scale: float
+    layers: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        set_field(self, "scale", check_number("scale", self.scale, low=0.0))
+        set_field(self, "layers", _layers(self.layers))
+
+    @property
+    def perturbed(self) -> Pass:
+        """The pass of the skipped-block conditional prediction, the same as SLG's for the same blocks."""
+        return Pass(f"slg:{','.join(map(str, self.layers))}", SkipLayers(self.layers))

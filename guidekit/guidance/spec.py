@@ -33,7 +33,7 @@ from guidekit.guidance.pag import PAG
 from guidekit.guidance.pcg import PCG
 from guidekit.guidance.schedules import Scheduled
 from guidekit.guidance.seg import SEG
-from guidekit.guidance.slg import SLG
+from guidekit.guidance.slg import SLG, STG
 from guidekit.guidance.tcfg import TCFG
 from guidekit.limits import MAX_GUIDANCE_CHARS, MAX_GUIDANCE_DEPTH, check_text, shorten
 
@@ -50,6 +50,7 @@ NAMES: dict[type[Guidance], str] = {
     LinearAG: "linear_ag",
     PAG: "pag",
     SLG: "slg",
+    STG: "stg",
     SEG: "seg",
     TCFG: "tcfg",
     MAMBOG: "mambo_g",
