@@ -74,8 +74,8 @@ def count_rows(pipe: DiffusionPipeline, denoiser: str) -> tuple[list[int], Any]:
     """Record the rows the network really evaluates: a forward hook on its first layer (the patch embedding
     or input convolution), below anything guidekit wraps."""
     module = getattr(pipe, denoiser)
-    first = (getattr(module, "conv_in", None) or getattr(module, "x_embedder", None)
-             or getattr(module, "patch_embedding", None) or module.pos_embed)
+    first = next(getattr(module, name) for name in ("conv_in", "x_embedder", "patch_embedding", "patch_embed",
+                                                     "proj_in", "pos_embed") if hasattr(module, name))
     rows: list[int] = []
     handle = first.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
     return rows, handle

@@ -64,6 +64,12 @@ FAMILIES: dict[str, Family] = {
     "FluxPipeline": Family("transformer", scale_arg="true_cfg_scale", separate_calls=True,
                            negative_args=("negative_prompt", "negative_prompt_embeds"),
                            unbatched_args=("txt_ids", "img_ids"), token_positions="img_ids"),
+    # Chroma: real CFG (guidance_scale) in two calls, on Flux's packed latents.
+    "ChromaPipeline": Family("transformer", separate_calls=True, unbatched_args=("txt_ids", "img_ids"),
+                             token_positions="img_ids"),
+    "LTXPipeline": _TRANSFORMER,
+    # CogVideoX's dynamic CFG changes the weight per step inside the pipeline.
+    "CogVideoXPipeline": Family("transformer", unsupported_args=("use_dynamic_cfg",)),
     # Wan 2.1 / 2.2: two calls per step; 2.2 switches to transformer_2 (guidance_scale_2) below its boundary.
     **dict.fromkeys(("WanPipeline", "WanImageToVideoPipeline"),
                     Family("transformer", separate_calls=True, experts=("transformer_2",),

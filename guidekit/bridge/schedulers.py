@@ -8,7 +8,7 @@ The traps (REFERENCE section 2) and how they are handled:
 * Multistep schedulers and flow pipelines initialise ``step_index`` only in ``step()``; before the
   first step of a loop the index is ``begin_index`` (img2img) or 0, because ``set_timesteps``
   resets it.
-* DDIM, DDPM and PNDM keep no sigmas: the call's level is ``alphas_cumprod[t]`` at the integer
+* DDIM, DDPM, PNDM and CogVideoX's DDIM and DPM keep no sigmas: the call's level is ``alphas_cumprod[t]`` at the integer
   timestep of the call, found by counting calls from the first call's timestep (PNDM's repeated
   timestep is one call per entry, like every other entry).
 * ``scheduler.timesteps`` lives on the accelerator: it is copied to the CPU once per pipeline call so
@@ -53,6 +53,8 @@ SUPPORTED_SCHEDULERS: dict[str, str] = {
     "UniPCMultistepScheduler": _SIGMA_TABLE,
     "DEISMultistepScheduler": _SIGMA_TABLE,
     "FlowMatchEulerDiscreteScheduler": _SIGMA_TABLE,
+    "CogVideoXDDIMScheduler": _ALPHAS_CUMPROD,
+    "CogVideoXDPMScheduler": _ALPHAS_CUMPROD,
 }
 
 _PREDICTION_SPACES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}

@@ -16,7 +16,14 @@ import torch
 from diffusers import (
     AutoencoderDC,
     AutoencoderKL,
+    AutoencoderKLCogVideoX,
+    AutoencoderKLLTXVideo,
     AutoencoderKLWan,
+    ChromaPipeline,
+    ChromaTransformer2DModel,
+    CogVideoXDDIMScheduler,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
     ControlNetModel,
     DDIMScheduler,
     DiffusionPipeline,
@@ -27,6 +34,8 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    LTXPipeline,
+    LTXVideoTransformer3DModel,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     SanaPipeline,
@@ -59,13 +68,15 @@ from transformers import (
 __all__ = [
     "DEFAULT_SAMPLE_SIZE",
     "FAMILIES",
+    "VIDEO_FAMILIES",
     "build_sd15_architecture_pipeline",
     "build_tiny_controlnet_pipeline",
     "build_tiny_pipeline",
     "tiny_call_kwargs",
 ]
 
-FAMILIES: tuple[str, ...] = ("sd", "sd-v", "sdxl", "dit", "pixart", "sd3", "sana", "flux", "wan", "wan22")
+FAMILIES: tuple[str, ...] = ("sd", "sd-v", "sdxl", "dit", "pixart", "sd3", "sana", "flux", "chroma", "wan", "wan22",
+                             "ltx", "cogvideox")
 
 DEFAULT_SAMPLE_SIZE = 16
 """Default latent side length; every tiny autoencoder downsamples by 2, so images are 32 x 32 pixels."""
@@ -73,10 +84,12 @@ DEFAULT_SAMPLE_SIZE = 16
 _VAE_SCALE_FACTOR = 2
 _TEXT_DIM = 32
 _MAX_SEQUENCE_LENGTH = 16
-_WAN_VAE_SCALE_FACTOR = 8
-_NUM_FRAMES = 5
-#: The video families: their pipelines return ``frames``, and their latents are ``(B, C, T, H, W)``.
-VIDEO_FAMILIES: tuple[str, ...] = ("wan", "wan22")
+_NUM_FRAMES = 9
+#: The video families: their pipelines return ``frames``; their latents are ``(B, C, T, H, W)`` (Wan),
+#: ``(B, T, C, H, W)`` (CogVideoX) or packed tokens ``(B, T * H * W, C)`` (LTX).
+VIDEO_FAMILIES: tuple[str, ...] = ("wan", "wan22", "ltx", "cogvideox")
+#: Pixels per latent pixel of each family whose VAE is not the two-level AutoencoderKL.
+_PIXELS_PER_LATENT = {"wan": 8, "wan22": 8, "ltx": 4, "cogvideox": 8}
 _CHARS = string.digits + string.ascii_letters + string.punctuation
 
 _M = TypeVar("_M", bound=nn.Module)
@@ -131,11 +144,11 @@ def tiny_call_kwargs(family: str, batch_size: int = 1, *, sample_size: int | Non
     size = _check_size(family, sample_size)
     if family == "dit":
         return {"class_labels": [1] * batch_size}
-    side = size * (_WAN_VAE_SCALE_FACTOR if family in VIDEO_FAMILIES else _VAE_SCALE_FACTOR)
+    side = size * _PIXELS_PER_LATENT.get(family, _VAE_SCALE_FACTOR)
     kwargs: dict[str, Any] = {"prompt": ["a red cat"] * batch_size, "height": side, "width": side}
     if family in VIDEO_FAMILIES:
         kwargs["num_frames"] = _NUM_FRAMES
-    if family in ("pixart", "sd3", "sana", "flux", *VIDEO_FAMILIES):
+    if family in ("pixart", "sd3", "sana", "flux", "chroma", *VIDEO_FAMILIES):
         kwargs["max_sequence_length"] = _MAX_SEQUENCE_LENGTH
     if family in ("pixart", "sana"):
         kwargs["use_resolution_binning"] = False
@@ -559,6 +572,62 @@ def _build_flux(seed: int, size: int) -> FluxPipeline:
     )
 
 
+def _build_chroma(seed: int, size: int) -> ChromaPipeline:
+    """Chroma layout: Flux's MMDiT without the CLIP pooled input (a distilled modulation approximator instead), T5
+    only; real CFG in two calls."""
+    tokenizer, text_encoder = _t5(seed + 3)
+    transformer = _init(seed, ChromaTransformer2DModel, patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=_TEXT_DIM,
+                        axes_dims_rope=(4, 6, 6), approximator_num_channels=8, approximator_hidden_dim=32,
+                        approximator_layers=1)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    return ChromaPipeline(
+        scheduler=scheduler,
+        vae=_autoencoder_kl(seed + 1, size, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
+def _build_ltx(seed: int, size: int) -> LTXPipeline:
+    """LTX-Video layout: causal video VAE (4x spatial, 4x temporal here), a video transformer on packed tokens
+    ``(B, T * H * W, C)``, T5; CFG in one batched call."""
+    tokenizer, text_encoder = _t5(seed + 3)
+    vae = _init(seed + 1, AutoencoderKLLTXVideo, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+                decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+                decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
+                decoder_spatio_temporal_scaling=(True, True, False, False), decoder_inject_noise=(False,) * 5,
+                upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, patch_size=1, patch_size_t=1,
+                encoder_causal=True, decoder_causal=False)
+    transformer = _init(seed, LTXVideoTransformer3DModel, in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                        num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16, num_layers=2,
+                        caption_channels=_TEXT_DIM)
+    return LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                       tokenizer=tokenizer, transformer=transformer)
+
+
+def _build_cogvideox(seed: int, size: int) -> CogVideoXPipeline:
+    """CogVideoX layout: 3-D VAE (8x spatial, 4x temporal), latents ``(B, T, C, H, W)``, a video transformer with
+    patches 2 x 2, T5; CFG in one batched call, DDIM."""
+    tokenizer, text_encoder = _t5(seed + 3)
+    vae = _init(seed + 1, AutoencoderKLCogVideoX, down_block_types=("CogVideoXDownBlock3D",) * 4,
+                up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+                layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4)
+    transformer = _init(seed, CogVideoXTransformer3DModel, num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                        out_channels=4, time_embed_dim=2, text_embed_dim=_TEXT_DIM, num_layers=2, sample_width=size,
+                        sample_height=size, sample_frames=_NUM_FRAMES, patch_size=2, temporal_compression_ratio=4,
+                        max_text_seq_length=_MAX_SEQUENCE_LENGTH)
+    return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                             scheduler=CogVideoXDDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                              beta_end=0.012, prediction_type="v_prediction",
+                                                              rescale_betas_zero_snr=True, set_alpha_to_one=True,
+                                                              snr_shift_scale=3.0, timestep_spacing="trailing",
+                                                              clip_sample=False))
+
+
 def _build_wan(seed: int, size: int, *, experts: int = 1) -> WanPipeline:
     """Wan 2.1 layout (UMT5 text encoder, causal 3-D VAE with 8x spatial and 4x temporal compression, 3-D
     transformer with patches 1 x 2 x 2); with ``experts=2`` Wan 2.2 A14B's: a second, low-noise transformer below the
@@ -592,6 +661,9 @@ _BUILDERS: dict[str, Callable[[int, int], DiffusionPipeline]] = {
     "sd3": _build_sd3,
     "sana": _build_sana,
     "flux": _build_flux,
+    "chroma": _build_chroma,
+    "ltx": _build_ltx,
+    "cogvideox": _build_cogvideox,
     "wan": _build_wan,
     "wan22": lambda seed, size: _build_wan(seed, size, experts=2),
 }
