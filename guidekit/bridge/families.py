@@ -19,6 +19,11 @@ class Family:
         negative_args: for separate calls, the ``__call__`` arguments of which one must be given for the
             unconditional call to happen.
         unbatched_args: denoiser arguments that never carry the batch (token positions).
+        per_sample_lists: denoiser arguments that are Python lists with one entry per row (Qwen-Image's
+            ``img_shapes``), cut with the rows.
+        token_shapes: for a denoiser of packed 2 x 2 tokens, the argument that holds each sample's list of
+            ``(frames, rows, columns)`` token grids, the generated image's first (Qwen-Image's ``img_shapes``); the
+            guidance context's ``grid`` is read from it.
         experts: further denoiser attributes the pipeline switches to during sampling, each with its own scale
             argument in ``expert_scale_args`` (Wan 2.2's low-noise ``transformer_2`` and ``guidance_scale_2``; a
             ``None`` argument means ``scale_arg``'s value, an absent module no expert).
@@ -36,6 +41,8 @@ class Family:
     negative_args: tuple[str, ...] = ()
     unbatched_args: tuple[str, ...] = ()
     token_positions: str | None = None
+    per_sample_lists: tuple[str, ...] = ()
+    token_shapes: str | None = None
     experts: tuple[str, ...] = ()
     expert_scale_args: tuple[str, ...] = ()
 
@@ -64,6 +71,11 @@ FAMILIES: dict[str, Family] = {
     "FluxPipeline": Family("transformer", scale_arg="true_cfg_scale", separate_calls=True,
                            negative_args=("negative_prompt", "negative_prompt_embeds"),
                            unbatched_args=("txt_ids", "img_ids"), token_positions="img_ids"),
+    # Qwen-Image: true CFG in two calls with a negative prompt; the pipeline rescales each token of the result to
+    # the conditional prediction's norm.
+    "QwenImagePipeline": Family("transformer", scale_arg="true_cfg_scale", separate_calls=True,
+                                negative_args=("negative_prompt", "negative_prompt_embeds"),
+                                per_sample_lists=("img_shapes",), token_shapes="img_shapes"),
     # Chroma: real CFG (guidance_scale) in two calls, on Flux's packed latents.
     "ChromaPipeline": Family("transformer", separate_calls=True, unbatched_args=("txt_ids", "img_ids"),
                              token_positions="img_ids"),

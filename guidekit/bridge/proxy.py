@@ -253,6 +253,10 @@ class GuidedDenoiser:
 
     def _grid(self, kwargs: dict) -> tuple[int, int] | None:
         """The unpacked latent's ``(height, width)`` for a denoiser of packed 2 x 2 tokens, from their positions."""
+        shapes = self.family.token_shapes
+        if shapes is not None and kwargs.get(shapes):
+            _, rows, columns = kwargs[shapes][0][0]
+            return 2 * int(rows), 2 * int(columns)
         name = self.family.token_positions
         if name is None or kwargs.get(name) is None:
             return None
@@ -298,8 +302,10 @@ class GuidedDenoiser:
         return pred if pred.shape[1] == cond.shape[1] else torch.cat([pred, cond[:, pred.shape[1]:]], dim=1)
 
     def _select(self, args: tuple, kwargs: dict, index: slice | torch.Tensor, n: int) -> tuple[tuple, dict]:
-        kept = {k: v for k, v in kwargs.items() if k not in self.family.unbatched_args}
-        return _take(args, index, n), {**kwargs, **_take(kept, index, n)}
+        family = self.family
+        kept = {k: v for k, v in kwargs.items() if k not in family.unbatched_args and k not in family.per_sample_lists}
+        lists = {k: _take_list(kwargs[k], index) for k in family.per_sample_lists if kwargs.get(k) is not None}
+        return _take(args, index, n), {**kwargs, **_take(kept, index, n), **lists}
 
     def _batched_call(self, args: tuple, kwargs: dict) -> Any:
         """One call holding both branches (or only the conditional one when not batched)."""
@@ -487,6 +493,11 @@ class GuidedDenoiser:
             s.uncond_rows_per_sample = [n + 1 for n in s.uncond_rows_per_sample]
         elif n_guided:
             s.uncond_rows_per_sample = [n + g for n, g in zip(s.uncond_rows_per_sample, guided.tolist(), strict=True)]
+
+
+def _take_list(value: list, index: slice | torch.Tensor) -> list:
+    """The entries of a per-sample list at ``index``."""
+    return value[index] if isinstance(index, slice) else [value[i] for i in index.tolist()]
 
 
 def _call_expert(proxy: GuidedDenoiser, expert: int, *args: Any, **kwargs: Any) -> Any:

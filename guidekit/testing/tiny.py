@@ -18,6 +18,7 @@ from diffusers import (
     AutoencoderKL,
     AutoencoderKLCogVideoX,
     AutoencoderKLLTXVideo,
+    AutoencoderKLQwenImage,
     AutoencoderKLWan,
     ChromaPipeline,
     ChromaTransformer2DModel,
@@ -38,6 +39,8 @@ from diffusers import (
     LTXVideoTransformer3DModel,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SanaPipeline,
     SanaTransformer2DModel,
     SD3Transformer2DModel,
@@ -58,12 +61,16 @@ from transformers import (
     Gemma2Config,
     Gemma2Model,
     GemmaTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
     UMT5Config,
     UMT5EncoderModel,
 )
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 __all__ = [
     "DEFAULT_SAMPLE_SIZE",
@@ -75,8 +82,8 @@ __all__ = [
     "tiny_call_kwargs",
 ]
 
-FAMILIES: tuple[str, ...] = ("sd", "sd-v", "sdxl", "dit", "pixart", "sd3", "sana", "flux", "chroma", "wan", "wan22",
-                             "ltx", "cogvideox")
+FAMILIES: tuple[str, ...] = ("sd", "sd-v", "sdxl", "dit", "pixart", "sd3", "sana", "flux", "chroma", "qwenimage",
+                             "wan", "wan22", "ltx", "cogvideox")
 
 DEFAULT_SAMPLE_SIZE = 16
 """Default latent side length; every tiny autoencoder downsamples by 2, so images are 32 x 32 pixels."""
@@ -89,7 +96,7 @@ _NUM_FRAMES = 9
 #: ``(B, T, C, H, W)`` (CogVideoX) or packed tokens ``(B, T * H * W, C)`` (LTX).
 VIDEO_FAMILIES: tuple[str, ...] = ("wan", "wan22", "ltx", "cogvideox")
 #: Pixels per latent pixel of each family whose VAE is not the two-level AutoencoderKL.
-_PIXELS_PER_LATENT = {"wan": 8, "wan22": 8, "ltx": 4, "cogvideox": 8}
+_PIXELS_PER_LATENT = {"wan": 8, "wan22": 8, "ltx": 4, "cogvideox": 8, "qwenimage": 4}
 _CHARS = string.digits + string.ascii_letters + string.punctuation
 
 _M = TypeVar("_M", bound=nn.Module)
@@ -155,7 +162,7 @@ def tiny_call_kwargs(family: str, batch_size: int = 1, *, sample_size: int | Non
         kwargs["clean_caption"] = False
     if family == "sana":
         kwargs["complex_human_instruction"] = None
-    if family == "flux":
+    if family in ("flux", "qwenimage"):
         kwargs["negative_prompt"] = ["a blurry photo"] * batch_size
     return kwargs
 
@@ -572,6 +579,40 @@ def _build_flux(seed: int, size: int) -> FluxPipeline:
     )
 
 
+def _qwen(seed: int) -> tuple[Qwen2Tokenizer, Qwen2_5_VLForConditionalGeneration]:
+    """Byte-level Qwen2 tokenizer without merges (each byte a token, plus the chat and vision specials) and a
+    two-layer Qwen2.5-VL with a two-block vision tower, as Qwen-Image's text encoder."""
+    vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                    "<|image_pad|>"):
+        vocab[special] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=2048)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "num_key_value_heads": 2, "vocab_size": len(vocab), "rope_theta": 1000000.0,
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}},
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16, vocab_size=len(vocab), vision_start_token_id=vocab["<|vision_start|>"],
+        vision_end_token_id=vocab["<|vision_end|>"], vision_token_id=vocab["<|image_pad|>"],
+        image_token_id=vocab["<|image_pad|>"],
+    )
+    return tokenizer, _init(seed, Qwen2_5_VLForConditionalGeneration, config)
+
+
+def _build_qwenimage(seed: int, size: int) -> QwenImagePipeline:
+    """Qwen-Image layout: Qwen2.5-VL text encoder, Wan-style VAE (4x here), an MMDiT on packed 2 x 2 latents; true
+    CFG in two calls with the per-token norm rescale."""
+    tokenizer, text_encoder = _qwen(seed + 3)
+    transformer = _init(seed, QwenImageTransformer2DModel, patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16, guidance_embeds=False,
+                        axes_dims_rope=(8, 4, 4))
+    vae = _init(seed + 1, AutoencoderKLQwenImage, base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                             tokenizer=tokenizer, transformer=transformer)
+
+
 def _build_chroma(seed: int, size: int) -> ChromaPipeline:
     """Chroma layout: Flux's MMDiT without the CLIP pooled input (a distilled modulation approximator instead), T5
     only; real CFG in two calls."""
@@ -662,6 +703,7 @@ _BUILDERS: dict[str, Callable[[int, int], DiffusionPipeline]] = {
     "sana": _build_sana,
     "flux": _build_flux,
     "chroma": _build_chroma,
+    "qwenimage": _build_qwenimage,
     "ltx": _build_ltx,
     "cogvideox": _build_cogvideox,
     "wan": _build_wan,
