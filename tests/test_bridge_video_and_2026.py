@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pipelines import FirstSampleOnly, count_rows, final_latents, guided_latents, pipeline
+from pipelines import FirstSampleOnly, count_rows, final_latents, forward_replaced, guided_latents, pipeline
 
+import guidekit
 from guidekit import CFG, Interval
 
 STEPS = 3
-FAMILIES = ("chroma", "qwenimage", "ltx", "cogvideox")
+FAMILIES = ("chroma", "qwenimage", "lumina2", "ltx", "cogvideox")
 #: The argument that turns CFG on, where it is not guidance_scale.
 SCALE_ARG = {"qwenimage": "true_cfg_scale"}
 
@@ -60,3 +61,44 @@ def test_partial_guidance_evaluates_only_guided_rows(family: str) -> None:
     assert rows == [2, 1] * STEPS and stats.uncond_rows_per_sample == [STEPS, 0]
     assert (out[0] - cfg[0]).abs().max().item() <= 1e-5
     assert (out[1] - conditional_only[1]).abs().max().item() <= 1e-5
+
+
+def test_lumina2_guides_the_velocity_its_transformer_negates() -> None:
+    """Lumina2's transformer outputs ``-v`` (its time runs from noise to image) and the pipeline negates after CFG.
+    APG in x0 space (``x0 = x - t v``) is not odd in ``v``, so guiding the raw outputs would be wrong. Oracle: the
+    pipeline with its transformer's forward replaced; at each step's second call the rule runs on ``v = -raw`` of
+    both calls (APG without momentum or clamp, written here) and the call returns the ``u'`` for which the pipeline's
+    ``u' + w (c - u')``, negated, is the rule's ``v``."""
+    pipe = pipeline("lumina2")
+    w, plain = 4.0, pipe.transformer.forward
+    calls: list[torch.Tensor] = []
+
+    def forward(hidden_states, timestep, **kwargs):  # type: ignore[no-untyped-def]
+        raw = plain(hidden_states=hidden_states, timestep=timestep, **kwargs)[0]
+        if not calls:
+            calls.append(raw)
+            return (raw,)
+        c, u, x, t = -calls.pop().double(), -raw.double(), hidden_states.double(), 1 - float(timestep[0])
+        c0, u0 = x - t * c, x - t * u
+        diff = c0 - u0
+        v1 = c0 / c0.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        parallel = (diff * v1).flatten(1).sum(1).view(-1, 1, 1, 1) * v1
+        d = (x - (c0 + (w - 1) * (diff - parallel))) / t
+        return (((-d - w * -c) / (1 - w)).float(),)
+
+    apg = guidekit.APG(w, norm_threshold=0.0, momentum=0.0)
+    with forward_replaced(pipe.transformer, forward):
+        expected = final_latents(pipe, "lumina2", steps=STEPS, guidance_scale=w, cfg_normalization=False)
+    ours, _ = guided_latents(pipe, "lumina2", apg, steps=STEPS, guidance_scale=w, cfg_normalization=False)
+    cfg = final_latents(pipe, "lumina2", steps=STEPS, guidance_scale=w, cfg_normalization=False)
+    assert (ours - expected).abs().max().item() <= 1e-5 and (cfg - expected).abs().max().item() > 1e-3
+
+
+def test_lumina2_cfg_truncation_is_refused_by_name() -> None:
+    pipe = pipeline("lumina2")
+    pipe.set_guidance(CFG(4.0))
+    try:
+        with pytest.raises(ValueError, match=r"^cfg_trunc_ratio=0.5 is not accepted while guidance .* expected 1.0"):
+            final_latents(pipe, "lumina2", steps=2, guidance_scale=4.0, cfg_trunc_ratio=0.5)
+    finally:
+        pipe.set_guidance(None)

@@ -19,6 +19,10 @@ class Family:
         negative_args: for separate calls, the ``__call__`` arguments of which one must be given for the
             unconditional call to happen.
         unbatched_args: denoiser arguments that never carry the batch (token positions).
+        negated_output: the denoiser outputs the negative of the scheduler's prediction (Lumina2: time runs from noise
+            to image); guidance runs on the negated outputs and the result is negated back.
+        neutral_args: ``__call__`` arguments that must keep the given value under ``set_guidance`` (they would
+            change which calls the pipeline makes).
         per_sample_lists: denoiser arguments that are Python lists with one entry per row (Qwen-Image's
             ``img_shapes``), cut with the rows.
         token_shapes: for a denoiser of packed 2 x 2 tokens, the argument that holds each sample's list of
@@ -41,6 +45,8 @@ class Family:
     negative_args: tuple[str, ...] = ()
     unbatched_args: tuple[str, ...] = ()
     token_positions: str | None = None
+    negated_output: bool = False
+    neutral_args: tuple[tuple[str, float], ...] = ()
     per_sample_lists: tuple[str, ...] = ()
     token_shapes: str | None = None
     experts: tuple[str, ...] = ()
@@ -76,6 +82,10 @@ FAMILIES: dict[str, Family] = {
     "QwenImagePipeline": Family("transformer", scale_arg="true_cfg_scale", separate_calls=True,
                                 negative_args=("negative_prompt", "negative_prompt_embeds"),
                                 per_sample_lists=("img_shapes",), token_shapes="img_shapes"),
+    # Lumina2: two calls; the transformer outputs the negated velocity; cfg_trunc_ratio < 1 drops the unconditional
+    # call in late steps (Interval does that in sigma); cfg_normalization rescales the result after CFG.
+    "Lumina2Pipeline": Family("transformer", separate_calls=True, negated_output=True,
+                              neutral_args=(("cfg_trunc_ratio", 1.0),)),
     # Chroma: real CFG (guidance_scale) in two calls, on Flux's packed latents.
     "ChromaPipeline": Family("transformer", separate_calls=True, unbatched_args=("txt_ids", "img_ids"),
                              token_positions="img_ids"),

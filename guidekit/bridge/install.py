@@ -220,6 +220,11 @@ def _check_call(pipe: DiffusionPipeline, family: Family, guidance: Guidance,
     if rescale > 0:
         raise ValueError(f"guidance_rescale={rescale!r} is not accepted while a guidance is set; expected 0 "
                          "(use CFG(scale, rescale=phi) instead)")
+    for name, neutral in family.neutral_args:
+        if arguments.get(name, neutral) != neutral:
+            raise ValueError(f"{name}={arguments[name]!r} is not accepted while guidance {guidance!r} is set: it "
+                             f"changes which denoiser calls the pipeline makes; expected {neutral!r} (use Interval "
+                             "for guidance in part of the steps)")
     for name in family.unsupported_args:
         if arguments.get(name):
             raise ValueError(f"{name}={arguments[name]!r} is not supported together with set_guidance; "

@@ -284,8 +284,12 @@ class GuidedDenoiser:
             ctx = replace(ctx, x=ctx.x[:, :c])
         if cond.shape[1] != c:
             cond, extra = cond[:, :c], {p: v[:, :c] for p, v in extra.items()}
+        if self.family.negated_output:
+            cond, extra = -cond, {p: -v for p, v in extra.items()}
         uncond = extra[UNCOND]
         pred = apply_guidance(self.guidance, cond, extra, masks, ctx, self.state)
+        if self.family.negated_output:
+            pred, uncond, cond = -pred, -uncond, -cond
         # Read once, after the call: the sum is finite when every element is, and costs one reduction.
         self._finite.append((ctx.step, ctx.level, pred.sum(dtype=_SUM_DTYPES.get(pred.dtype))))
         if self._receiver is not None:  # samples without an unconditional row pass their conditional one

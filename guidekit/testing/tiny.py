@@ -37,6 +37,8 @@ from diffusers import (
     FluxTransformer2DModel,
     LTXPipeline,
     LTXVideoTransformer3DModel,
+    Lumina2Pipeline,
+    Lumina2Transformer2DModel,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     QwenImagePipeline,
@@ -83,7 +85,7 @@ __all__ = [
 ]
 
 FAMILIES: tuple[str, ...] = ("sd", "sd-v", "sdxl", "dit", "pixart", "sd3", "sana", "flux", "chroma", "qwenimage",
-                             "wan", "wan22", "ltx", "cogvideox")
+                             "lumina2", "wan", "wan22", "ltx", "cogvideox")
 
 DEFAULT_SAMPLE_SIZE = 16
 """Default latent side length; every tiny autoencoder downsamples by 2, so images are 32 x 32 pixels."""
@@ -96,7 +98,7 @@ _NUM_FRAMES = 9
 #: ``(B, T, C, H, W)`` (CogVideoX) or packed tokens ``(B, T * H * W, C)`` (LTX).
 VIDEO_FAMILIES: tuple[str, ...] = ("wan", "wan22", "ltx", "cogvideox")
 #: Pixels per latent pixel of each family whose VAE is not the two-level AutoencoderKL.
-_PIXELS_PER_LATENT = {"wan": 8, "wan22": 8, "ltx": 4, "cogvideox": 8, "qwenimage": 4}
+_PIXELS_PER_LATENT = {"wan": 8, "wan22": 8, "ltx": 4, "cogvideox": 8, "qwenimage": 4, "lumina2": 8}
 _CHARS = string.digits + string.ascii_letters + string.punctuation
 
 _M = TypeVar("_M", bound=nn.Module)
@@ -155,7 +157,7 @@ def tiny_call_kwargs(family: str, batch_size: int = 1, *, sample_size: int | Non
     kwargs: dict[str, Any] = {"prompt": ["a red cat"] * batch_size, "height": side, "width": side}
     if family in VIDEO_FAMILIES:
         kwargs["num_frames"] = _NUM_FRAMES
-    if family in ("pixart", "sd3", "sana", "flux", "chroma", *VIDEO_FAMILIES):
+    if family in ("pixart", "sd3", "sana", "flux", "chroma", "lumina2", *VIDEO_FAMILIES):
         kwargs["max_sequence_length"] = _MAX_SEQUENCE_LENGTH
     if family in ("pixart", "sana"):
         kwargs["use_resolution_binning"] = False
@@ -613,6 +615,19 @@ def _build_qwenimage(seed: int, size: int) -> QwenImagePipeline:
                              tokenizer=tokenizer, transformer=transformer)
 
 
+def _build_lumina2(seed: int, size: int) -> Lumina2Pipeline:
+    """Lumina-Image 2.0 layout: a Gemma2 caption encoder, a flow DiT with refiner layers that outputs the negated
+    velocity with time running from noise (0) to image (1); CFG in two calls, then the per-row norm rescale."""
+    tokenizer, text_encoder = _gemma(seed + 2)
+    transformer = _init(seed, Lumina2Transformer2DModel, sample_size=size, patch_size=2, in_channels=4,
+                        hidden_size=16, num_layers=2, num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1,
+                        multiple_of=16, axes_dim_rope=(4, 2, 2), axes_lens=(300, 64, 64), cap_feat_dim=_TEXT_DIM)
+    return Lumina2Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+                           vae=_autoencoder_kl(seed + 1, size, latent_channels=4, scaling_factor=0.3611,
+                                               shift_factor=0.1159),
+                           text_encoder=text_encoder, tokenizer=tokenizer)
+
+
 def _build_chroma(seed: int, size: int) -> ChromaPipeline:
     """Chroma layout: Flux's MMDiT without the CLIP pooled input (a distilled modulation approximator instead), T5
     only; real CFG in two calls."""
@@ -703,6 +718,7 @@ _BUILDERS: dict[str, Callable[[int, int], DiffusionPipeline]] = {
     "sana": _build_sana,
     "flux": _build_flux,
     "chroma": _build_chroma,
+    "lumina2": _build_lumina2,
     "qwenimage": _build_qwenimage,
     "ltx": _build_ltx,
     "cogvideox": _build_cogvideox,
