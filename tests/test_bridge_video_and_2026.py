@@ -1,8 +1,11 @@
-"""The 2026 pipelines beside Wan: Chroma and Qwen-Image (two calls per step on packed latents; Qwen-Image rescales each
+"""The 2026 pipelines beside Wan: Flux Kontext (Flux's two calls with the reference image's tokens appended), Chroma
+and Qwen-Image (two calls per step on packed latents; Qwen-Image rescales each
 token of the guided prediction to the conditional one's norm), LTX-Video (one batched call on packed video tokens)
 and CogVideoX (one batched call on ``(B, T, C, H, W)`` latents), against the pipelines' own results."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -12,9 +15,9 @@ import guidekit
 from guidekit import CFG, Interval
 
 STEPS = 3
-FAMILIES = ("chroma", "qwenimage", "lumina2", "ltx", "cogvideox")
+FAMILIES = ("fluxkontext", "chroma", "qwenimage", "lumina2", "ltx", "cogvideox")
 #: The argument that turns CFG on, where it is not guidance_scale.
-SCALE_ARG = {"qwenimage": "true_cfg_scale"}
+SCALE_ARG = {"qwenimage": "true_cfg_scale", "fluxkontext": "true_cfg_scale"}
 
 
 def _scale(family: str, value: float) -> dict[str, float]:
@@ -102,3 +105,23 @@ def test_lumina2_cfg_truncation_is_refused_by_name() -> None:
             final_latents(pipe, "lumina2", steps=2, guidance_scale=4.0, cfg_trunc_ratio=0.5)
     finally:
         pipe.set_guidance(None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Recorder(CFG):
+    """CFG that records what it is given: the latent it guides and its token grid."""
+
+    seen: list = dataclasses.field(default_factory=list, compare=False)
+
+    def combine(self, cond, uncond, ctx, state=None, scale=None):  # type: ignore[no-untyped-def]
+        self.seen.append((tuple(ctx.x.shape), tuple(cond.shape), ctx.grid))
+        return super().combine(cond, uncond, ctx, state, scale)
+
+
+def test_flux_kontext_guides_the_latent_tokens_only() -> None:
+    """The transformer sees 64 latent tokens and 64 reference-image tokens; the guidance gets the 64 latent ones
+    and their 16 x 16 grid, and the reference tokens' output is the conditional one."""
+    pipe = pipeline("fluxkontext")
+    recorder = _Recorder(4.0)
+    guided_latents(pipe, "fluxkontext", recorder, steps=STEPS, batch_size=2, true_cfg_scale=4.0)
+    assert recorder.seen == [((2, 64, 64), (2, 64, 64), (16, 16))] * STEPS

@@ -23,6 +23,9 @@ class Family:
             to image); guidance runs on the negated outputs and the result is negated back.
         neutral_args: ``__call__`` arguments that must keep the given value under ``set_guidance`` (they would
             change which calls the pipeline makes).
+        condition_tokens: the denoiser's input has image-condition tokens appended after the latent's, marked by a
+            first ``token_positions`` coordinate other than 0 (Flux Kontext); the guidance sees the latent's tokens,
+            the others pass through from the conditional prediction (the pipeline drops them).
         per_sample_lists: denoiser arguments that are Python lists with one entry per row (Qwen-Image's
             ``img_shapes``), cut with the rows.
         token_shapes: for a denoiser of packed 2 x 2 tokens, the argument that holds each sample's list of
@@ -47,6 +50,7 @@ class Family:
     token_positions: str | None = None
     negated_output: bool = False
     neutral_args: tuple[tuple[str, float], ...] = ()
+    condition_tokens: bool = False
     per_sample_lists: tuple[str, ...] = ()
     token_shapes: str | None = None
     experts: tuple[str, ...] = ()
@@ -77,6 +81,11 @@ FAMILIES: dict[str, Family] = {
     "FluxPipeline": Family("transformer", scale_arg="true_cfg_scale", separate_calls=True,
                            negative_args=("negative_prompt", "negative_prompt_embeds"),
                            unbatched_args=("txt_ids", "img_ids"), token_positions="img_ids"),
+    # Flux Kontext: Flux's true CFG with the reference image's tokens appended to the latent's.
+    "FluxKontextPipeline": Family("transformer", scale_arg="true_cfg_scale", separate_calls=True,
+                                  negative_args=("negative_prompt", "negative_prompt_embeds"),
+                                  unbatched_args=("txt_ids", "img_ids"), token_positions="img_ids",
+                                  condition_tokens=True),
     # Qwen-Image: true CFG in two calls with a negative prompt; the pipeline rescales each token of the result to
     # the conditional prediction's norm.
     "QwenImagePipeline": Family("transformer", scale_arg="true_cfg_scale", separate_calls=True,

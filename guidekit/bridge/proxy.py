@@ -184,7 +184,9 @@ class GuidedDenoiser:
         self._finite: list[tuple[int, NoiseLevel, torch.Tensor]] = []
         self._reader: SchedulerReader | None = None
         self._rows = torch.arange(0)
-        self._channels: int | None = None  # guided channels, known after the first call
+        # The guided part of dim 1, known after the first call: the channels a learned variance follows, or the
+        # latent's tokens ahead of appended condition tokens.
+        self._channels: int | None = None
         self._space = model_space(scheduler)
         self._step_sigma = float("nan")
         self._latent_grid: tuple[int, int] | None = None  # packed latents: the unpacked (height, width)
@@ -236,6 +238,8 @@ class GuidedDenoiser:
             self._rows = torch.arange(b)
             self.state = self.guidance.init_state(b)
             self._latent_grid = self._grid(kwargs)
+            if self.family.condition_tokens:  # guided: the latent's tokens, the first ones
+                self._channels = int((kwargs[self.family.token_positions][..., 0] == 0).sum())
             self.stats.uncond_rows_per_sample = [0] * b
         state = self._reader(timestep)
         if not state.corrector:
@@ -261,6 +265,7 @@ class GuidedDenoiser:
         if name is None or kwargs.get(name) is None:
             return None
         positions = kwargs[name]
+        positions = positions[positions[..., 0] == 0]  # the latent's tokens (condition tokens have another first)
         return 2 * (int(positions[..., 1].max()) + 1), 2 * (int(positions[..., 2].max()) + 1)
 
     def _combine(self, ctx: GuidanceContext, cond: torch.Tensor, extra: dict[Pass, torch.Tensor],

@@ -33,6 +33,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
     LTXPipeline,
@@ -84,7 +85,8 @@ __all__ = [
     "tiny_call_kwargs",
 ]
 
-FAMILIES: tuple[str, ...] = ("sd", "sd-v", "sdxl", "dit", "pixart", "sd3", "sana", "flux", "chroma", "qwenimage",
+FAMILIES: tuple[str, ...] = ("sd", "sd-v", "sdxl", "dit", "pixart", "sd3", "sana", "flux", "fluxkontext", "chroma",
+                             "qwenimage",
                              "lumina2", "wan", "wan22", "ltx", "cogvideox")
 
 DEFAULT_SAMPLE_SIZE = 16
@@ -157,15 +159,19 @@ def tiny_call_kwargs(family: str, batch_size: int = 1, *, sample_size: int | Non
     kwargs: dict[str, Any] = {"prompt": ["a red cat"] * batch_size, "height": side, "width": side}
     if family in VIDEO_FAMILIES:
         kwargs["num_frames"] = _NUM_FRAMES
-    if family in ("pixart", "sd3", "sana", "flux", "chroma", "lumina2", *VIDEO_FAMILIES):
+    if family in ("pixart", "sd3", "sana", "flux", "fluxkontext", "chroma", "lumina2", *VIDEO_FAMILIES):
         kwargs["max_sequence_length"] = _MAX_SEQUENCE_LENGTH
     if family in ("pixart", "sana"):
         kwargs["use_resolution_binning"] = False
         kwargs["clean_caption"] = False
     if family == "sana":
         kwargs["complex_human_instruction"] = None
-    if family in ("flux", "qwenimage"):
+    if family in ("flux", "fluxkontext", "qwenimage"):
         kwargs["negative_prompt"] = ["a blurry photo"] * batch_size
+    if family == "fluxkontext":  # the reference image, at the generated size (no resizing to Kontext's areas)
+        pixels = torch.Generator().manual_seed(1)
+        kwargs["image"] = torch.rand((1, 3, side, side), generator=pixels)
+        kwargs["max_area"], kwargs["_auto_resize"] = side * side, False
     return kwargs
 
 
@@ -717,6 +723,7 @@ _BUILDERS: dict[str, Callable[[int, int], DiffusionPipeline]] = {
     "sd3": _build_sd3,
     "sana": _build_sana,
     "flux": _build_flux,
+    "fluxkontext": lambda seed, size: FluxKontextPipeline(**_build_flux(seed, size).components),
     "chroma": _build_chroma,
     "lumina2": _build_lumina2,
     "qwenimage": _build_qwenimage,
