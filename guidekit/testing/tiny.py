@@ -52,6 +52,7 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    WanImageToVideoPipeline,
     WanPipeline,
     WanTransformer3DModel,
 )
@@ -87,7 +88,7 @@ __all__ = [
 
 FAMILIES: tuple[str, ...] = ("sd", "sd-v", "sdxl", "dit", "pixart", "sd3", "sana", "flux", "fluxkontext", "chroma",
                              "qwenimage",
-                             "lumina2", "wan", "wan22", "ltx", "cogvideox")
+                             "lumina2", "wan", "wan22", "wan22-i2v", "ltx", "cogvideox")
 
 DEFAULT_SAMPLE_SIZE = 16
 """Default latent side length; every tiny autoencoder downsamples by 2, so images are 32 x 32 pixels."""
@@ -98,9 +99,9 @@ _MAX_SEQUENCE_LENGTH = 16
 _NUM_FRAMES = 9
 #: The video families: their pipelines return ``frames``; their latents are ``(B, C, T, H, W)`` (Wan),
 #: ``(B, T, C, H, W)`` (CogVideoX) or packed tokens ``(B, T * H * W, C)`` (LTX).
-VIDEO_FAMILIES: tuple[str, ...] = ("wan", "wan22", "ltx", "cogvideox")
+VIDEO_FAMILIES: tuple[str, ...] = ("wan", "wan22", "wan22-i2v", "ltx", "cogvideox")
 #: Pixels per latent pixel of each family whose VAE is not the two-level AutoencoderKL.
-_PIXELS_PER_LATENT = {"wan": 8, "wan22": 8, "ltx": 4, "cogvideox": 8, "qwenimage": 4, "lumina2": 8}
+_PIXELS_PER_LATENT = {"wan": 8, "wan22": 8, "wan22-i2v": 8, "ltx": 4, "cogvideox": 8, "qwenimage": 4, "lumina2": 8}
 _CHARS = string.digits + string.ascii_letters + string.punctuation
 
 _M = TypeVar("_M", bound=nn.Module)
@@ -159,6 +160,8 @@ def tiny_call_kwargs(family: str, batch_size: int = 1, *, sample_size: int | Non
     kwargs: dict[str, Any] = {"prompt": ["a red cat"] * batch_size, "height": side, "width": side}
     if family in VIDEO_FAMILIES:
         kwargs["num_frames"] = _NUM_FRAMES
+    if family in ("fluxkontext", "wan22-i2v"):  # the reference image, at the generated size
+        kwargs["image"] = torch.rand((1, 3, side, side), generator=torch.Generator().manual_seed(1))
     if family in ("pixart", "sd3", "sana", "flux", "fluxkontext", "chroma", "lumina2", *VIDEO_FAMILIES):
         kwargs["max_sequence_length"] = _MAX_SEQUENCE_LENGTH
     if family in ("pixart", "sana"):
@@ -168,9 +171,7 @@ def tiny_call_kwargs(family: str, batch_size: int = 1, *, sample_size: int | Non
         kwargs["complex_human_instruction"] = None
     if family in ("flux", "fluxkontext", "qwenimage"):
         kwargs["negative_prompt"] = ["a blurry photo"] * batch_size
-    if family == "fluxkontext":  # the reference image, at the generated size (no resizing to Kontext's areas)
-        pixels = torch.Generator().manual_seed(1)
-        kwargs["image"] = torch.rand((1, 3, side, side), generator=pixels)
+    if family == "fluxkontext":  # no resizing to Kontext's areas
         kwargs["max_area"], kwargs["_auto_resize"] = side * side, False
     return kwargs
 
@@ -690,19 +691,22 @@ def _build_cogvideox(seed: int, size: int) -> CogVideoXPipeline:
                                                               clip_sample=False))
 
 
-def _build_wan(seed: int, size: int, *, experts: int = 1) -> WanPipeline:
+def _build_wan(seed: int, size: int, *, experts: int = 1, image: bool = False
+               ) -> WanPipeline | WanImageToVideoPipeline:
     """Wan 2.1 layout (UMT5 text encoder, causal 3-D VAE with 8x spatial and 4x temporal compression, 3-D
     transformer with patches 1 x 2 x 2); with ``experts=2`` Wan 2.2 A14B's: a second, low-noise transformer below the
-    official T2V boundary 0.875."""
+    official T2V boundary 0.875 (I2V: 0.9, and the transformers take the latent, a first-frame mask and the
+    image's latent, 36 channels at full size, without an image encoder)."""
     tokenizer, t5 = _t5(seed + 3)
     umt5 = UMT5Config(**{k: v for k, v in t5.config.to_dict().items() if k in UMT5Config().to_dict()})
     transformers = [
         _init(seed + 10 * i, WanTransformer3DModel, patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-              in_channels=16, out_channels=16, text_dim=_TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=2,
-              cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+              in_channels=36 if image else 16, out_channels=16, text_dim=_TEXT_DIM, freq_dim=32, ffn_dim=32,
+              num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
         for i in range(experts)
     ]
-    return WanPipeline(
+    cls = WanImageToVideoPipeline if image else WanPipeline
+    return cls(
         tokenizer=tokenizer,
         text_encoder=_init(seed + 3, UMT5EncoderModel, umt5),
         vae=_init(seed + 1, AutoencoderKLWan, base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
@@ -710,7 +714,7 @@ def _build_wan(seed: int, size: int, *, experts: int = 1) -> WanPipeline:
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         transformer=transformers[0],
         transformer_2=transformers[1] if experts > 1 else None,
-        boundary_ratio=0.875 if experts > 1 else None,
+        boundary_ratio=(0.9 if image else 0.875) if experts > 1 else None,
     )
 
 
@@ -731,4 +735,5 @@ _BUILDERS: dict[str, Callable[[int, int], DiffusionPipeline]] = {
     "cogvideox": _build_cogvideox,
     "wan": _build_wan,
     "wan22": lambda seed, size: _build_wan(seed, size, experts=2),
+    "wan22-i2v": lambda seed, size: _build_wan(seed, size, experts=2, image=True),
 }
