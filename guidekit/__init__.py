@@ -19,7 +19,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from guidekit.bridge import GuidanceStats, guided, set_guidance
+    from guidekit.bridge import GuidanceStats, as_guider, guided, set_guidance
     from guidekit.guidance import (
         APG,
         CFG,
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-_BRIDGE_NAMES = ("GuidanceStats", "guided", "set_guidance")
+_BRIDGE_NAMES = ("GuidanceStats", "as_guider", "guided", "set_guidance")
 
 
 def __getattr__(name: str) -> Any:
@@ -119,6 +119,7 @@ __all__ = [
     "LinearAGFit",
     "PredictionRecorder",
     "Scheduled",
+    "as_guider",
     "fit_linear_ag",
     "format_guidance",
     "guided",
