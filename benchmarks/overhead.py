@@ -26,15 +26,17 @@ import torch
 from _common import add_common_arguments, interleaved, load, machine, median, output_type
 
 import guidekit
+from guidekit.bridge.families import family_of_class
 from guidekit.bridge.proxy import GuidedDenoiser
 from guidekit.testing.tiny import FAMILIES
 
 
 @contextmanager
 def proxy_clock() -> Iterator[dict[str, float]]:
-    """Clock ``GuidedDenoiser.__call__`` and the forwards it makes, for the block: seconds and calls."""
+    """Clock ``GuidedDenoiser.call`` (every denoiser call, of every expert) and the forwards it makes, for the
+    block: seconds and calls."""
     clock = {"proxy": 0.0, "forward": 0.0, "calls": 0}
-    call, forward = GuidedDenoiser.__call__, GuidedDenoiser._forward
+    call, forward = GuidedDenoiser.call, GuidedDenoiser._forward
 
     def timed(fn: Callable[..., object], key: str, counts: bool) -> Callable[..., object]:
         def run(self: GuidedDenoiser, *args: object, **kwargs: object) -> object:
@@ -48,21 +50,25 @@ def proxy_clock() -> Iterator[dict[str, float]]:
         return run
 
     timed_call, timed_forward = timed(call, "proxy", True), timed(forward, "forward", False)
-    GuidedDenoiser.__call__, GuidedDenoiser._forward = timed_call, timed_forward  # type: ignore[method-assign]
+    GuidedDenoiser.call, GuidedDenoiser._forward = timed_call, timed_forward  # type: ignore[method-assign]
     try:
         yield clock
     finally:
-        GuidedDenoiser.__call__, GuidedDenoiser._forward = call, forward  # type: ignore[method-assign]
+        GuidedDenoiser.call, GuidedDenoiser._forward = call, forward  # type: ignore[method-assign]
 
 
 def stub_network(pipe: object, call: dict, device: str) -> None:
-    """Make the pipeline's denoiser return the output of its first call, whatever its inputs."""
-    denoiser = getattr(pipe, "transformer", None) or pipe.unet  # type: ignore[attr-defined]
-    outputs: list[object] = []
-    forward = denoiser.forward
-    denoiser.forward = lambda *a, **k: outputs.append(forward(*a, **k)) or outputs[-1]
-    pipe(**call, generator=torch.Generator(device).manual_seed(0))  # type: ignore[operator]
-    denoiser.forward = lambda *a, **k: outputs[0]
+    """Make the pipeline's denoisers (each expert's) return the output of their first call, whatever the inputs."""
+    family = family_of_class(type(pipe))
+    for name in (family.denoiser, *family.experts):
+        denoiser = getattr(pipe, name, None)
+        if denoiser is None:
+            continue
+        outputs: list[object] = []
+        forward = denoiser.forward
+        denoiser.forward = lambda *a, _f=forward, _o=outputs, **k: _o.append(_f(*a, **k)) or _o[-1]
+        pipe(**call, generator=torch.Generator(device).manual_seed(0))  # type: ignore[operator]
+        denoiser.forward = lambda *a, _o=outputs, **k: _o[0]
 
 
 def main() -> None:
@@ -79,7 +85,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for model in args.model:
         pipe, call = load(model, args.device, args.batch)
-        scale_arg = "true_cfg_scale" if model == "flux" else "guidance_scale"
+        scale_arg = family_of_class(type(pipe)).scale_arg
         call = {**call, "num_inference_steps": args.steps, scale_arg: args.scale, "output_type": output_type(model)}
         guidance = guidekit.CFG(args.scale)
         if args.stub_network:

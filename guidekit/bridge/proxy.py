@@ -376,6 +376,8 @@ class GuidedDenoiser:
             result = self._forward(*args, **kwargs, positive=positive)
             first_half, second_half = _output_tensor(result).chunk(2)
             cond, uncond = (first_half, second_half) if cond_rows.start == 0 else (second_half, first_half)
+            if self._cfg_weight(ctx, masks, done) == self.scales[self._expert]:  # the pipeline's own CFG
+                return self._pipeline_combines(ctx, masks, result, cond, uncond, self.scales[self._expert], True)
             pred = self._full(self._combine(ctx, cond, {UNCOND: uncond, **done}, masks), cond)
             return _with_output(result, torch.cat([pred, pred]))  # never written into the network's buffer
         cond_idx = torch.arange(cond_rows.start, cond_rows.stop)
@@ -421,7 +423,11 @@ class GuidedDenoiser:
         guided = masks[UNCOND]
         n_guided = sum(guided.tolist())
         if n_guided == b:
-            uncond = _output_tensor(self._forward(*args, **kwargs))
+            uncond_result = self._forward(*args, **kwargs)
+            uncond = _output_tensor(uncond_result)
+            weight = self._cfg_weight(ctx, masks, done)
+            if weight is not None:
+                return self._pipeline_combines(ctx, masks, uncond_result, cond, uncond, weight)
         elif n_guided:
             sub_args, sub_kwargs = self._select(args, kwargs, guided.nonzero().flatten(), b)
             uncond = _output_tensor(self._forward(*sub_args, **sub_kwargs))
@@ -429,6 +435,38 @@ class GuidedDenoiser:
             uncond = cond[:0]
         pred = self._full(self._combine(ctx, cond, {UNCOND: uncond, **done}, masks), cond)
         return _with_output(result, cond + (cond - pred) / (self.scales[self._expert] - 1.0))
+
+    def _cfg_weight(self, ctx: GuidanceContext, masks: PassMasks, done: dict[Pass, torch.Tensor]) -> float | None:
+        """The guidance's CFG weight at this call (:meth:`~guidekit.guidance.base.Guidance.cfg_weight`) where the
+        pipeline's own combination can give its result: every sample has both predictions and nothing else, and no
+        sampler takes the unconditional prediction."""
+        if done or self._receiver is not None or any(p is not UNCOND and bool(m.any()) for p, m in masks.items()):
+            return None
+        return self.guidance.cfg_weight(ctx, self.state)
+
+    def _pipeline_combines(self, ctx: GuidanceContext, masks: PassMasks, result: Any, cond: torch.Tensor,
+                           uncond: torch.Tensor, weight: float, batched: bool = False) -> Any:
+        """The network's output for a call whose guided prediction is the pipeline's own ``u + s (c - u)`` with
+        ``s`` replaced by ``weight``: unchanged where ``weight`` is ``s`` (the pipeline's arithmetic, bit for bit);
+        else (separate calls, where ``result`` is the unconditional call's) ``u' = c + (w - 1) / (s - 1) (u - c)`` in
+        the guided channels, so that ``u' + s (c - u') = u + w (c - u)``. ``batched``: ``result`` holds both halves
+        (and ``weight`` is ``s``)."""
+        self._count(masks)
+        if self._channels is None:
+            self._channels = min(ctx.x.shape[1], cond.shape[1])
+        scale = self.scales[self._expert]
+        out = _output_tensor(result)
+        if weight != scale:
+            c = self._channels
+            moved = torch.lerp(cond[:, :c], uncond[:, :c], (weight - 1.0) / (scale - 1.0))
+            out = moved if c == out.shape[1] else torch.cat([moved, out[:, c:]], dim=1)
+            result = _with_output(result, out)
+        # The pipeline's combination of finite predictions with a finite weight is finite (barring overflow).
+        total = out.sum(dtype=_SUM_DTYPES.get(out.dtype))
+        if not batched:
+            total = total + cond.sum(dtype=_SUM_DTYPES.get(cond.dtype))
+        self._finite.append((ctx.step, ctx.level, total))
+        return result
 
     def check_finite(self) -> None:
         """Raise a ``ValueError`` naming the guidance and the first step whose guided prediction was not finite.

@@ -257,6 +257,12 @@ class Guidance:
         conditional pass (and the perturbed passes, which repeat it) then runs with it."""
         return None
 
+    def cfg_weight(self, ctx: GuidanceContext, state: Any, scale: float | None = None) -> float | None:
+        """``w`` if, at this call, the guided prediction of every sample that has both predictions is the pipeline's
+        own ``D_u + w (D_c - D_u)`` in the model's space and dtype (CFG, and wrappers that only choose its samples or
+        weight); ``None`` otherwise. The bridge then lets the pipeline's arithmetic do the combination."""
+        return None
+
     @property
     def uses_unconditional(self) -> bool:
         """Whether the method ever asks for the unconditional prediction."""

@@ -50,6 +50,12 @@ class CFG(WeightedGuidance):
     def linear(self) -> bool:  # type: ignore[override]
         return self.rescale == 0
 
+    def cfg_weight(self, ctx: GuidanceContext, state: Any, scale: float | None = None) -> float | None:
+        cls = type(self)  # a subclass that changes the arithmetic is not the pipeline's CFG
+        if self.rescale != 0 or (cls.guide, cls.combine, cls.combine_in_space) != _ARITHMETIC:
+            return None
+        return self.scale if scale is None else scale
+
     def combine_in_space(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext, state: Any,
                          scale: float) -> torch.Tensor:
         guided = uncond + scale * (cond - uncond)
@@ -57,3 +63,7 @@ class CFG(WeightedGuidance):
             return guided
         rescaled = guided * (per_sample_std(cond) / per_sample_std(guided))
         return self.rescale * rescaled + (1 - self.rescale) * guided
+
+
+#: CFG's own arithmetic: :meth:`CFG.cfg_weight` holds for instances whose class keeps it.
+_ARITHMETIC = (CFG.guide, CFG.combine, CFG.combine_in_space)

@@ -63,6 +63,9 @@ class ByExpert(Guidance):
     def init_state(self, batch_size: int) -> tuple[object, object]:
         return self.high.init_state(batch_size), self.low.init_state(batch_size)
 
+    def cfg_weight(self, ctx: GuidanceContext, state: tuple, scale: float | None = None) -> float | None:
+        return self._half(ctx).cfg_weight(ctx, state[ctx.expert], scale)
+
     def needs(self, ctx: GuidanceContext, state: tuple, scale: float | None = None) -> PassMasks:
         return self._half(ctx).needs(ctx, state[ctx.expert], scale)
 

@@ -45,6 +45,9 @@ class Interval(GuidanceWrapper):
         """Whether guidance applies at a step that starts at ``sigma``."""
         return self.sigma_lo < sigma <= self.sigma_hi
 
+    def cfg_weight(self, ctx: GuidanceContext, state: Any, scale: float | None = None) -> float | None:
+        return self.inner.cfg_weight(ctx, state, scale) if self.contains(ctx.step_sigma) else None
+
     def needs_unconditional(self, ctx: GuidanceContext, state: Any = None, scale: float | None = None
                             ) -> torch.Tensor:
         inside = self.inner.needs_unconditional(ctx, state, scale)

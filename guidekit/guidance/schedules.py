@@ -164,6 +164,9 @@ class Scheduled(GuidanceWrapper):
             return fn(tau, scale, **dict(self.params))
         return schedule_weight(self.schedule, tau, scale, **dict(self.params))
 
+    def cfg_weight(self, ctx: GuidanceContext, state: Any, scale: float | None = None) -> float | None:
+        return self.inner.cfg_weight(ctx, state, self.weight(ctx.tau)) if self.two_pass else None
+
     def needs(self, ctx: GuidanceContext, state: Any, scale: float | None = None) -> PassMasks:
         if self.two_pass:
             return super().needs(ctx, state, scale)
