@@ -27,7 +27,7 @@ def test_cfg_equals_native_and_none_restores(family: str, scheduler_name: str) -
         pipe.set_guidance(None)
         pipe.scheduler = original
     assert native.abs().max() > 0 and torch.isfinite(native).all()
-    assert (guided - native).abs().max().item() <= 1e-5
+    assert torch.equal(guided, native)  # the pipeline's own arithmetic: CFG at its scale
     assert torch.equal(restored, native)
 
 

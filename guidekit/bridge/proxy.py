@@ -438,11 +438,14 @@ class GuidedDenoiser:
 
     def _cfg_weight(self, ctx: GuidanceContext, masks: PassMasks, done: dict[Pass, torch.Tensor]) -> float | None:
         """The guidance's CFG weight at this call (:meth:`~guidekit.guidance.base.Guidance.cfg_weight`) where the
-        pipeline's own combination can give its result: every sample has both predictions and nothing else, and no
-        sampler takes the unconditional prediction."""
+        pipeline's own combination can give its result: every sample has both predictions and nothing else, no
+        sampler takes the unconditional prediction, and the weight is at most :data:`_MAX_PIPELINE_WEIGHT` (so that
+        finite predictions give a finite combination, which the finite check of the predictions then vouches for;
+        larger weights are combined here and their result checked)."""
         if done or self._receiver is not None or any(p is not UNCOND and bool(m.any()) for p, m in masks.items()):
             return None
-        return self.guidance.cfg_weight(ctx, self.state)
+        weight = self.guidance.cfg_weight(ctx, self.state)
+        return weight if weight is not None and abs(weight) <= _MAX_PIPELINE_WEIGHT else None
 
     def _pipeline_combines(self, ctx: GuidanceContext, masks: PassMasks, result: Any, cond: torch.Tensor,
                            uncond: torch.Tensor, weight: float, batched: bool = False) -> Any:
@@ -550,6 +553,9 @@ def _take_list(value: list, index: slice | torch.Tensor) -> list:
 def _call_expert(proxy: GuidedDenoiser, expert: int, *args: Any, **kwargs: Any) -> Any:
     return proxy.call(expert, args, kwargs)
 
+
+#: The largest CFG weight left to the pipeline's own arithmetic (:meth:`GuidedDenoiser._cfg_weight`).
+_MAX_PIPELINE_WEIGHT = 1e3
 
 #: The dtype a prediction is summed in for the finite check (``None``: its own).
 _SUM_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
