@@ -1,4 +1,5 @@
-"""The 2026 pipelines beside Wan: Flux Kontext (Flux's two calls with the reference image's tokens appended), Chroma
+"""The 2026 pipelines beside Wan: HiDream (one batched call, negated velocity, per-layer Llama states batched on
+their second dimension), Flux Kontext (Flux's two calls with the reference image's tokens appended), Chroma
 and Qwen-Image (two calls per step on packed latents; Qwen-Image rescales each
 token of the guided prediction to the conditional one's norm), LTX-Video (one batched call on packed video tokens)
 and CogVideoX (one batched call on ``(B, T, C, H, W)`` latents), against the pipelines' own results."""
@@ -15,7 +16,7 @@ import guidekit
 from guidekit import CFG, Interval
 
 STEPS = 3
-FAMILIES = ("fluxkontext", "chroma", "qwenimage", "lumina2", "ltx", "cogvideox")
+FAMILIES = ("fluxkontext", "chroma", "qwenimage", "lumina2", "hidream", "ltx", "cogvideox")
 #: The argument that turns CFG on, where it is not guidance_scale.
 SCALE_ARG = {"qwenimage": "true_cfg_scale", "fluxkontext": "true_cfg_scale"}
 
@@ -48,10 +49,11 @@ def test_empty_interval_computes_no_unconditional_rows(family: str) -> None:
     assert (out - conditional_only).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["qwenimage", "chroma"])
+@pytest.mark.parametrize("family", ["qwenimage", "chroma", "hidream"])
 def test_partial_guidance_evaluates_only_guided_rows(family: str) -> None:
     """Sample 0 guided, sample 1 not: the unconditional call gets sample 0's row only (with its per-sample
-    arguments, Qwen-Image's img_shapes and masks, cut to it)."""
+    arguments, Qwen-Image's img_shapes and masks, cut to it; HiDream's one batched call gets three rows, its
+    per-layer Llama states cut along their second dimension)."""
     pipe = pipeline(family)
     cfg = final_latents(pipe, family, steps=STEPS, batch_size=2, **_scale(family, 5.0))
     conditional_only = final_latents(pipe, family, steps=STEPS, batch_size=2, **_scale(family, 1.0))
@@ -61,7 +63,7 @@ def test_partial_guidance_evaluates_only_guided_rows(family: str) -> None:
                                     **_scale(family, 5.0))
     finally:
         handle.remove()
-    assert rows == [2, 1] * STEPS and stats.uncond_rows_per_sample == [STEPS, 0]
+    assert rows == ([3] if family == "hidream" else [2, 1]) * STEPS and stats.uncond_rows_per_sample == [STEPS, 0]
     assert (out[0] - cfg[0]).abs().max().item() <= 1e-5
     assert (out[1] - conditional_only[1]).abs().max().item() <= 1e-5
 
@@ -125,3 +127,31 @@ def test_flux_kontext_guides_the_latent_tokens_only() -> None:
     recorder = _Recorder(4.0)
     guided_latents(pipe, "fluxkontext", recorder, steps=STEPS, batch_size=2, true_cfg_scale=4.0)
     assert recorder.seen == [((2, 64, 64), (2, 64, 64), (16, 16))] * STEPS
+
+
+def test_hidream_guides_the_velocity_its_transformer_negates() -> None:
+    """HiDream's transformer outputs ``-v`` and the pipeline negates before its CFG. Oracle: the transformer's forward
+    replaced by one that runs the batch ``[u; c]``, applies APG (no momentum, no clamp, written here) to ``v = -raw``
+    at flow time ``t = timesteps / 1000`` and returns ``-[d; d]``, which the pipeline negates and combines to ``d``."""
+    pipe = pipeline("hidream")
+    w, plain = 4.0, pipe.transformer.forward
+
+    def forward(hidden_states, timesteps, **kwargs):  # type: ignore[no-untyped-def]
+        raw = plain(hidden_states=hidden_states, timesteps=timesteps, **kwargs)[0].double()
+        u, c = (-raw).chunk(2)
+        x, t = hidden_states.chunk(2)[0].double(), float(timesteps[0]) / 1000
+        c0, u0 = x - t * c, x - t * u
+        diff = c0 - u0
+        v1 = c0 / c0.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        parallel = (diff * v1).flatten(1).sum(1).view(-1, 1, 1, 1) * v1
+        d = (x - (c0 + (w - 1) * (diff - parallel))) / t
+        return (-torch.cat([d, d]).float(),)
+
+    with forward_replaced(pipe.transformer, forward):
+        expected = final_latents(pipe, "hidream", steps=STEPS, guidance_scale=w, batch_size=2)
+    ours, _ = guided_latents(pipe, "hidream", guidekit.APG(w, norm_threshold=0.0, momentum=0.0), steps=STEPS,
+                             guidance_scale=w, batch_size=2)
+    cfg = final_latents(pipe, "hidream", steps=STEPS, guidance_scale=w, batch_size=2)
+    # the oracle's flow time is the float32 timestep / 1000, guidekit's the scheduler's sigma: 1e-5 relative
+    assert (ours - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+    assert (cfg - expected).abs().max().item() > 1e-3

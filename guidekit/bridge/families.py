@@ -26,6 +26,8 @@ class Family:
         condition_tokens: the denoiser's input has image-condition tokens appended after the latent's, marked by a
             first ``token_positions`` coordinate other than 0 (Flux Kontext); the guidance sees the latent's tokens,
             the others pass through from the conditional prediction (the pipeline drops them).
+        second_dim_batched: denoiser arguments whose batch is their second dimension (HiDream's per-layer Llama
+            states, ``(layers, B, L, D)``).
         per_sample_lists: denoiser arguments that are Python lists with one entry per row (Qwen-Image's
             ``img_shapes``), cut with the rows.
         token_shapes: for a denoiser of packed 2 x 2 tokens, the argument that holds each sample's list of
@@ -51,6 +53,7 @@ class Family:
     negated_output: bool = False
     neutral_args: tuple[tuple[str, float], ...] = ()
     condition_tokens: bool = False
+    second_dim_batched: tuple[str, ...] = ()
     per_sample_lists: tuple[str, ...] = ()
     token_shapes: str | None = None
     experts: tuple[str, ...] = ()
@@ -95,6 +98,9 @@ FAMILIES: dict[str, Family] = {
     # call in late steps (Interval does that in sigma); cfg_normalization rescales the result after CFG.
     "Lumina2Pipeline": Family("transformer", separate_calls=True, negated_output=True,
                               neutral_args=(("cfg_trunc_ratio", 1.0),)),
+    # HiDream: one batched call; the transformer outputs the negated velocity (the pipeline negates before CFG).
+    "HiDreamImagePipeline": Family("transformer", negated_output=True,
+                                   second_dim_batched=("encoder_hidden_states_llama3",)),
     # Chroma: real CFG (guidance_scale) in two calls, on Flux's packed latents.
     "ChromaPipeline": Family("transformer", separate_calls=True, unbatched_args=("txt_ids", "img_ids"),
                              token_positions="img_ids"),

@@ -146,7 +146,7 @@ def _size_oblivious() -> Any:
 
 def _sample_and_timestep(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
     sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-    timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+    timestep = args[1] if len(args) > 1 else kwargs.get("timestep", kwargs.get("timesteps"))
     if not isinstance(sample, torch.Tensor) or timestep is None:
         raise TypeError("guidekit could not find the sample and timestep in the denoiser call")
     return sample, timestep
@@ -312,9 +312,11 @@ class GuidedDenoiser:
 
     def _select(self, args: tuple, kwargs: dict, index: slice | torch.Tensor, n: int) -> tuple[tuple, dict]:
         family = self.family
-        kept = {k: v for k, v in kwargs.items() if k not in family.unbatched_args and k not in family.per_sample_lists}
+        special = (*family.unbatched_args, *family.per_sample_lists, *family.second_dim_batched)
+        kept = {k: v for k, v in kwargs.items() if k not in special}
         lists = {k: _take_list(kwargs[k], index) for k in family.per_sample_lists if kwargs.get(k) is not None}
-        return _take(args, index, n), {**kwargs, **_take(kept, index, n), **lists}
+        second = {k: kwargs[k][:, index] for k in family.second_dim_batched if kwargs.get(k) is not None}
+        return _take(args, index, n), {**kwargs, **_take(kept, index, n), **lists, **second}
 
     def _batched_call(self, args: tuple, kwargs: dict) -> Any:
         """One call holding both branches (or only the conditional one when not batched)."""

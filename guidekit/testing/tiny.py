@@ -36,6 +36,8 @@ from diffusers import (
     FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
+    HiDreamImagePipeline,
+    HiDreamImageTransformer2DModel,
     LTXPipeline,
     LTXVideoTransformer3DModel,
     Lumina2Pipeline,
@@ -52,10 +54,12 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    UniPCMultistepScheduler,
     WanImageToVideoPipeline,
     WanPipeline,
     WanTransformer3DModel,
 )
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from torch import nn
 from transformers import (
     CLIPTextConfig,
@@ -65,6 +69,9 @@ from transformers import (
     Gemma2Config,
     Gemma2Model,
     GemmaTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
@@ -88,7 +95,7 @@ __all__ = [
 
 FAMILIES: tuple[str, ...] = ("sd", "sd-v", "sdxl", "dit", "pixart", "sd3", "sana", "flux", "fluxkontext", "chroma",
                              "qwenimage",
-                             "lumina2", "wan", "wan22", "wan22-i2v", "ltx", "cogvideox")
+                             "lumina2", "hidream", "wan", "wan22", "wan22-i2v", "ltx", "cogvideox")
 
 DEFAULT_SAMPLE_SIZE = 16
 """Default latent side length; every tiny autoencoder downsamples by 2, so images are 32 x 32 pixels."""
@@ -96,6 +103,8 @@ DEFAULT_SAMPLE_SIZE = 16
 _VAE_SCALE_FACTOR = 2
 _TEXT_DIM = 32
 _MAX_SEQUENCE_LENGTH = 16
+_LONG_CLIP_POSITIONS = 248  # HiDream's CLIP encoders are Long-CLIP; its pipeline pads CLIP to up to 218 tokens
+_HIDREAM_LLAMA_LAYERS = 2
 _NUM_FRAMES = 9
 #: The video families: their pipelines return ``frames``; their latents are ``(B, C, T, H, W)`` (Wan),
 #: ``(B, T, C, H, W)`` (CogVideoX) or packed tokens ``(B, T * H * W, C)`` (LTX).
@@ -162,7 +171,7 @@ def tiny_call_kwargs(family: str, batch_size: int = 1, *, sample_size: int | Non
         kwargs["num_frames"] = _NUM_FRAMES
     if family in ("fluxkontext", "wan22-i2v"):  # the reference image, at the generated size
         kwargs["image"] = torch.rand((1, 3, side, side), generator=torch.Generator().manual_seed(1))
-    if family in ("pixart", "sd3", "sana", "flux", "fluxkontext", "chroma", "lumina2", *VIDEO_FAMILIES):
+    if family in ("pixart", "sd3", "sana", "flux", "fluxkontext", "chroma", "lumina2", "hidream", *VIDEO_FAMILIES):
         kwargs["max_sequence_length"] = _MAX_SEQUENCE_LENGTH
     if family in ("pixart", "sana"):
         kwargs["use_resolution_binning"] = False
@@ -635,6 +644,87 @@ def _build_lumina2(seed: int, size: int) -> Lumina2Pipeline:
                            text_encoder=text_encoder, tokenizer=tokenizer)
 
 
+def _long_clip(seed: int) -> CLIPTextModelWithProjection:
+    """Two-layer projected CLIP text encoder matching ``_clip_tokenizer`` with Long-CLIP's 248 positions."""
+    config = CLIPTextConfig(
+        vocab_size=2 + 2 * len(_CHARS),
+        hidden_size=_TEXT_DIM,
+        intermediate_size=2 * _TEXT_DIM,
+        projection_dim=_TEXT_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=_LONG_CLIP_POSITIONS,
+        hidden_act="gelu",
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return _init(seed, CLIPTextModelWithProjection, config)
+
+
+def _llama(seed: int) -> tuple[PreTrainedTokenizerFast, LlamaForCausalLM]:
+    """Byte-level BPE tokenizer without merges that prepends ``<|begin_of_text|>`` (Llama 3 style; the pipeline pads
+    with the eos token ``<|eot_id|>``), and a two-layer Llama decoder (eager attention: the pipeline asks for
+    attention maps)."""
+    vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
+    for special in ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"):
+        vocab[special] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    bos = ("<|begin_of_text|>", vocab["<|begin_of_text|>"])
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B",
+                                                           special_tokens=[bos])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>",
+                                        eos_token="<|eot_id|>", model_max_length=131072)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=_TEXT_DIM,
+        intermediate_size=2 * _TEXT_DIM,
+        num_hidden_layers=_HIDREAM_LLAMA_LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=1024,
+        bos_token_id=vocab["<|begin_of_text|>"],
+        eos_token_id=vocab["<|eot_id|>"],
+        pad_token_id=vocab["<|eot_id|>"],
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        attn_implementation="eager",
+    )
+    return tokenizer, _init(seed, LlamaForCausalLM, config)
+
+
+def _build_hidream(seed: int, size: int) -> HiDreamImagePipeline:
+    """HiDream-I1-Full layout: two projected Long-CLIP encoders (pooled only), T5 and a Llama decoder whose per-layer
+    hidden states feed the blocks, a sparse-MoE MMDiT (4 routed experts, 2 active, and a shared one) whose output is
+    the negated velocity, flow UniPC with shift 3; CFG in one batched call. The pipeline rescales every request to
+    the area of ``default_sample_size``, which is set to the latent side here."""
+    tokenizer_3, text_encoder_3 = _t5(seed + 4)
+    tokenizer_4, text_encoder_4 = _llama(seed + 5)
+    transformer = _init(seed, HiDreamImageTransformer2DModel, patch_size=2, in_channels=16, out_channels=16,
+                        num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                        caption_channels=[_TEXT_DIM, _TEXT_DIM], text_emb_dim=2 * _TEXT_DIM, num_routed_experts=4,
+                        num_activated_experts=2, axes_dims_rope=(8, 4, 4),
+                        max_resolution=(max(64, size), max(64, size)),
+                        llama_layers=tuple(range(_HIDREAM_LLAMA_LAYERS)))
+    clip_tokenizers = [_clip_tokenizer(), _clip_tokenizer()]
+    for tokenizer in clip_tokenizers:
+        tokenizer.model_max_length = _LONG_CLIP_POSITIONS
+    pipe = HiDreamImagePipeline(
+        scheduler=UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
+                                          use_flow_sigmas=True, flow_shift=3.0),
+        vae=_autoencoder_kl(seed + 1, size, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=_long_clip(seed + 2), tokenizer=clip_tokenizers[0],
+        text_encoder_2=_long_clip(seed + 3), tokenizer_2=clip_tokenizers[1],
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+        text_encoder_4=text_encoder_4, tokenizer_4=tokenizer_4,
+        transformer=transformer,
+    )
+    pipe.default_sample_size = size
+    return pipe
+
+
 def _build_chroma(seed: int, size: int) -> ChromaPipeline:
     """Chroma layout: Flux's MMDiT without the CLIP pooled input (a distilled modulation approximator instead), T5
     only; real CFG in two calls."""
@@ -730,6 +820,7 @@ _BUILDERS: dict[str, Callable[[int, int], DiffusionPipeline]] = {
     "fluxkontext": lambda seed, size: FluxKontextPipeline(**_build_flux(seed, size).components),
     "chroma": _build_chroma,
     "lumina2": _build_lumina2,
+    "hidream": _build_hidream,
     "qwenimage": _build_qwenimage,
     "ltx": _build_ltx,
     "cogvideox": _build_cogvideox,
