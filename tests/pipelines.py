@@ -75,7 +75,8 @@ def count_rows(pipe: DiffusionPipeline, denoiser: str) -> tuple[list[int], Any]:
     or input convolution), below anything guidekit wraps."""
     module = getattr(pipe, denoiser)
     first = next(getattr(module, name) for name in ("conv_in", "x_embedder", "patch_embedding", "patch_embed",
-                                                     "proj_in", "img_in", "pos_embed") if hasattr(module, name))
+                                                     "proj_in", "img_in", "pos_embed", "t_embedder")
+                 if hasattr(module, name))
     rows: list[int] = []
     handle = first.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
     return rows, handle

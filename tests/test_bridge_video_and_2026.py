@@ -1,4 +1,5 @@
-"""The 2026 pipelines beside Wan: HiDream (one batched call, negated velocity, per-layer Llama states batched on
+"""The 2026 pipelines beside Wan: Z-Image (one call on lists of rows ``[cond; uncond]``, guidance_scale ``w - 1``,
+negated velocity), HiDream (one batched call, negated velocity, per-layer Llama states batched on
 their second dimension), Flux Kontext (Flux's two calls with the reference image's tokens appended), Chroma
 and Qwen-Image (two calls per step on packed latents; Qwen-Image rescales each
 token of the guided prediction to the conditional one's norm), LTX-Video (one batched call on packed video tokens)
@@ -16,13 +17,14 @@ import guidekit
 from guidekit import CFG, Interval
 
 STEPS = 3
-FAMILIES = ("fluxkontext", "chroma", "qwenimage", "lumina2", "hidream", "ltx", "cogvideox")
+FAMILIES = ("fluxkontext", "chroma", "qwenimage", "lumina2", "hidream", "zimage", "ltx", "cogvideox")
 #: The argument that turns CFG on, where it is not guidance_scale.
 SCALE_ARG = {"qwenimage": "true_cfg_scale", "fluxkontext": "true_cfg_scale"}
 
 
 def _scale(family: str, value: float) -> dict[str, float]:
-    return {SCALE_ARG.get(family, "guidance_scale"): value}
+    """The pipeline's arguments for CFG weight ``value`` (Z-Image's guidance_scale is ``w - 1``)."""
+    return {SCALE_ARG.get(family, "guidance_scale"): value - (family == "zimage")}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -49,7 +51,7 @@ def test_empty_interval_computes_no_unconditional_rows(family: str) -> None:
     assert (out - conditional_only).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["qwenimage", "chroma", "hidream"])
+@pytest.mark.parametrize("family", ["qwenimage", "chroma", "hidream", "zimage"])
 def test_partial_guidance_evaluates_only_guided_rows(family: str) -> None:
     """Sample 0 guided, sample 1 not: the unconditional call gets sample 0's row only (with its per-sample
     arguments, Qwen-Image's img_shapes and masks, cut to it; HiDream's one batched call gets three rows, its
@@ -63,7 +65,8 @@ def test_partial_guidance_evaluates_only_guided_rows(family: str) -> None:
                                     **_scale(family, 5.0))
     finally:
         handle.remove()
-    assert rows == ([3] if family == "hidream" else [2, 1]) * STEPS and stats.uncond_rows_per_sample == [STEPS, 0]
+    assert rows == ([3] if family in ("hidream", "zimage") else [2, 1]) * STEPS
+    assert stats.uncond_rows_per_sample == [STEPS, 0]
     assert (out[0] - cfg[0]).abs().max().item() <= 1e-5
     assert (out[1] - conditional_only[1]).abs().max().item() <= 1e-5
 
@@ -153,5 +156,32 @@ def test_hidream_guides_the_velocity_its_transformer_negates() -> None:
                              guidance_scale=w, batch_size=2)
     cfg = final_latents(pipe, "hidream", steps=STEPS, guidance_scale=w, batch_size=2)
     # the oracle's flow time is the float32 timestep / 1000, guidekit's the scheduler's sigma: 1e-5 relative
+    assert (ours - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+    assert (cfg - expected).abs().max().item() > 1e-3
+
+
+def test_zimage_guides_the_velocity_its_transformer_negates() -> None:
+    """Z-Image's transformer takes and returns lists of rows ``[cond; uncond]``, outputs ``-v`` at time ``1 - t``,
+    and the pipeline negates after its ``c + g (c - u)``. Oracle: the forward replaced by one that runs the rows,
+    applies APG (no momentum, no clamp, written here) to ``v = -raw`` and returns ``-d`` in both halves."""
+    pipe = pipeline("zimage")
+    w, plain = 4.0, pipe.transformer.forward
+
+    def forward(x, t, cap_feats, **kwargs):  # type: ignore[no-untyped-def]
+        raw = torch.stack(plain(x, t, cap_feats, **kwargs)[0]).double()
+        c, u = (-raw).chunk(2)
+        latent, time = torch.stack(x).chunk(2)[0].double(), 1 - float(t[0])
+        c0, u0 = latent - time * c, latent - time * u
+        diff = c0 - u0
+        v1 = c0 / c0.flatten(1).norm(dim=1).view(-1, *[1] * (c0.ndim - 1))
+        parallel = (diff * v1).flatten(1).sum(1).view(-1, *[1] * (c0.ndim - 1)) * v1
+        d = (latent - (c0 + (w - 1) * (diff - parallel))) / time
+        return (list((-torch.cat([d, d])).float().unbind(0)),)
+
+    with forward_replaced(pipe.transformer, forward):
+        expected = final_latents(pipe, "zimage", steps=STEPS, batch_size=2, **_scale("zimage", w))
+    ours, _ = guided_latents(pipe, "zimage", guidekit.APG(w, norm_threshold=0.0, momentum=0.0), steps=STEPS,
+                             batch_size=2, **_scale("zimage", w))
+    cfg = final_latents(pipe, "zimage", steps=STEPS, batch_size=2, **_scale("zimage", w))
     assert (ours - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
     assert (cfg - expected).abs().max().item() > 1e-3

@@ -19,6 +19,10 @@ class Family:
         negative_args: for separate calls, the ``__call__`` arguments of which one must be given for the
             unconditional call to happen.
         unbatched_args: denoiser arguments that never carry the batch (token positions).
+        scale_offset: the pipeline's scale argument is the CFG weight minus this (Z-Image's ``guidance_scale`` is
+            ``w - 1``: its rule is ``c + g (c - u)``).
+        list_rows: the denoiser takes its rows as Python lists (Z-Image's latents and captions, one tensor per row)
+            and returns a list; every list argument with one entry per row is cut with the rows.
         negated_output: the denoiser outputs the negative of the scheduler's prediction (Lumina2: time runs from noise
             to image); guidance runs on the negated outputs and the result is negated back.
         neutral_args: ``__call__`` arguments that must keep the given value under ``set_guidance`` (they would
@@ -50,6 +54,8 @@ class Family:
     negative_args: tuple[str, ...] = ()
     unbatched_args: tuple[str, ...] = ()
     token_positions: str | None = None
+    scale_offset: float = 0.0
+    list_rows: bool = False
     negated_output: bool = False
     neutral_args: tuple[tuple[str, float], ...] = ()
     condition_tokens: bool = False
@@ -58,6 +64,10 @@ class Family:
     token_shapes: str | None = None
     experts: tuple[str, ...] = ()
     expert_scale_args: tuple[str, ...] = ()
+
+    def weight(self, value: float | None) -> float | None:
+        """The CFG weight ``w`` that the pipeline's scale argument ``value`` means."""
+        return None if value is None else value + self.scale_offset
 
 
 _UNET = Family("unet")
@@ -101,6 +111,10 @@ FAMILIES: dict[str, Family] = {
     # HiDream: one batched call; the transformer outputs the negated velocity (the pipeline negates before CFG).
     "HiDreamImagePipeline": Family("transformer", negated_output=True,
                                    second_dim_batched=("encoder_hidden_states_llama3",)),
+    # Z-Image: one call on lists of rows [cond; uncond]; guidance_scale is w - 1; the output is the negated velocity;
+    # cfg_truncation < 1 drops the unconditional rows in late steps.
+    "ZImagePipeline": Family("transformer", cond_first=True, scale_offset=1.0, list_rows=True, negated_output=True,
+                             neutral_args=(("cfg_truncation", 1.0),)),
     # Chroma: real CFG (guidance_scale) in two calls, on Flux's packed latents.
     "ChromaPipeline": Family("transformer", separate_calls=True, unbatched_args=("txt_ids", "img_ids"),
                              token_positions="img_ids"),

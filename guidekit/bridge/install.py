@@ -199,10 +199,12 @@ def _check_call(pipe: DiffusionPipeline, family: Family, guidance: Guidance,
                          "makes two calls per step; expected None, or a sampler with another order (PCG with "
                          "corrector_steps != 1)")
     scale = arguments.get(family.scale_arg)
-    batched = scale is not None and scale > 1
+    weight = family.weight(scale)
+    batched = weight is not None and weight > 1
     if guidance.uses_unconditional and not batched:
         raise ValueError(f"{family.scale_arg}={scale!r} is not accepted while guidance {guidance!r} is set: the "
-                         f"pipeline computes unconditional predictions only when {family.scale_arg} > 1 "
+                         f"pipeline computes unconditional predictions only when {family.scale_arg} > "
+                         f"{1 - family.scale_offset:g} "
                          "(its value is otherwise ignored under set_guidance)")
     if family.negative_args and batched and all(arguments.get(a) is None for a in family.negative_args):
         if guidance.uses_unconditional:
@@ -238,7 +240,7 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, bound: inspect.Bou
     bound.apply_defaults()
     batched = _check_call(pipe, family, guidance, bound.arguments)
     denoiser = getattr(pipe, family.denoiser)
-    scale = float(bound.arguments.get(family.scale_arg) or 1.0)
+    scale = family.weight(bound.arguments.get(family.scale_arg)) or 1.0
     proxy = GuidedDenoiser(denoiser.forward, guidance, family, pipe.scheduler, batched, scale,
                            compiled=is_compiled(denoiser))
     stand_ins = {denoiser: proxy}

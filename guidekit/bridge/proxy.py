@@ -146,6 +146,8 @@ def _size_oblivious() -> Any:
 
 def _sample_and_timestep(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
     sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+    if isinstance(sample, list) and sample and isinstance(sample[0], torch.Tensor):  # one tensor per row (Z-Image)
+        sample = torch.stack(sample)
     timestep = args[1] if len(args) > 1 else kwargs.get("timestep", kwargs.get("timesteps"))
     if not isinstance(sample, torch.Tensor) or timestep is None:
         raise TypeError("guidekit could not find the sample and timestep in the denoiser call")
@@ -316,7 +318,13 @@ class GuidedDenoiser:
         kept = {k: v for k, v in kwargs.items() if k not in special}
         lists = {k: _take_list(kwargs[k], index) for k in family.per_sample_lists if kwargs.get(k) is not None}
         second = {k: kwargs[k][:, index] for k in family.second_dim_batched if kwargs.get(k) is not None}
-        return _take(args, index, n), {**kwargs, **_take(kept, index, n), **lists, **second}
+        if not family.list_rows:
+            return _take(args, index, n), {**kwargs, **_take(kept, index, n), **lists, **second}
+        rows = {k: v for k, v in kept.items() if isinstance(v, list) and len(v) == n}
+        kept = {k: v for k, v in kept.items() if k not in rows}
+        taken = tuple(_take_list(a, index) if isinstance(a, list) and len(a) == n else _take(a, index, n) for a in args)
+        return taken, {**kwargs, **_take(kept, index, n), **lists, **second,
+                       **{k: _take_list(v, index) for k, v in rows.items()}}
 
     def _batched_call(self, args: tuple, kwargs: dict) -> Any:
         """One call holding both branches (or only the conditional one when not batched)."""
@@ -564,13 +572,14 @@ _SUM_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
 def _output_tensor(result: Any) -> torch.Tensor:
-    return result[0] if isinstance(result, tuple) else result.sample
+    output = result[0] if isinstance(result, tuple) else result.sample
+    return torch.stack(output) if isinstance(output, list) else output  # one tensor per row (Z-Image)
 
 
 def _with_output(result: Any, sample: torch.Tensor) -> Any:
     """The network's output with ``sample`` in place of its prediction (a tuple is rebuilt; an output object,
     made fresh by each forward, gets the new ``sample``)."""
     if isinstance(result, tuple):
-        return (sample, *result[1:])
+        return (list(sample.unbind(0)) if isinstance(result[0], list) else sample, *result[1:])
     result.sample = sample
     return result

@@ -254,7 +254,7 @@ def _call_arguments(pipe: DiffusionPipeline, family: Family, settings: SampleSet
         if value is not None:
             kwargs[name] = value
     if settings.guidance is not None:
-        kwargs[family.scale_arg] = 2.0 if settings.guidance.uses_unconditional else 1.0
+        kwargs[family.scale_arg] = (2.0 if settings.guidance.uses_unconditional else 1.0) - family.scale_offset
     else:
         kwargs[family.scale_arg] = 1.0 if settings.guidance_scale is None else float(settings.guidance_scale)
     return kwargs
@@ -285,7 +285,7 @@ class _NativeRows:
 
 def _alternates(family: Family, kwargs: Mapping[str, Any]) -> bool:
     """Whether a native call of a separate-calls family makes an unconditional call after each conditional one."""
-    cfg = kwargs[family.scale_arg] > 1 and (not family.negative_args
+    cfg = family.weight(kwargs[family.scale_arg]) > 1 and (not family.negative_args
                                             or any(kwargs.get(a) is not None for a in family.negative_args))
     return family.separate_calls and cfg
 

@@ -58,6 +58,8 @@ from diffusers import (
     WanImageToVideoPipeline,
     WanPipeline,
     WanTransformer3DModel,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from torch import nn
@@ -75,6 +77,8 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
+    Qwen3Config,
+    Qwen3Model,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -95,7 +99,7 @@ __all__ = [
 
 FAMILIES: tuple[str, ...] = ("sd", "sd-v", "sdxl", "dit", "pixart", "sd3", "sana", "flux", "fluxkontext", "chroma",
                              "qwenimage",
-                             "lumina2", "hidream", "wan", "wan22", "wan22-i2v", "ltx", "cogvideox")
+                             "lumina2", "hidream", "zimage", "wan", "wan22", "wan22-i2v", "ltx", "cogvideox")
 
 DEFAULT_SAMPLE_SIZE = 16
 """Default latent side length; every tiny autoencoder downsamples by 2, so images are 32 x 32 pixels."""
@@ -171,7 +175,8 @@ def tiny_call_kwargs(family: str, batch_size: int = 1, *, sample_size: int | Non
         kwargs["num_frames"] = _NUM_FRAMES
     if family in ("fluxkontext", "wan22-i2v"):  # the reference image, at the generated size
         kwargs["image"] = torch.rand((1, 3, side, side), generator=torch.Generator().manual_seed(1))
-    if family in ("pixart", "sd3", "sana", "flux", "fluxkontext", "chroma", "lumina2", "hidream", *VIDEO_FAMILIES):
+    if family in ("pixart", "sd3", "sana", "flux", "fluxkontext", "chroma", "lumina2", "hidream", "zimage",
+                  *VIDEO_FAMILIES):
         kwargs["max_sequence_length"] = _MAX_SEQUENCE_LENGTH
     if family in ("pixart", "sana"):
         kwargs["use_resolution_binning"] = False
@@ -725,6 +730,66 @@ def _build_hidream(seed: int, size: int) -> HiDreamImagePipeline:
     return pipe
 
 
+#: Qwen3's chat template, reduced to what ``ZImagePipeline._encode_prompt`` uses (plain messages, a generation
+#: prompt, and the empty think block that Qwen3 appends when ``enable_thinking`` is false; Z-Image passes true).
+_QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+def _qwen3(seed: int) -> tuple[Qwen2Tokenizer, Qwen3Model]:
+    """Byte-level Qwen2 tokenizer without merges (each byte a token, plus Qwen3's chat specials) with Qwen3's chat
+    template, and a two-layer Qwen3 decoder (Z-Image loads ``Qwen3Model``, not the LM head)."""
+    vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"):
+        vocab[special] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=40960)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]})
+    tokenizer.chat_template = _QWEN3_CHAT_TEMPLATE
+    config = Qwen3Config(
+        vocab_size=len(vocab),
+        hidden_size=_TEXT_DIM,
+        intermediate_size=2 * _TEXT_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=1024,
+        rope_theta=1000000.0,
+        bos_token_id=None,
+        eos_token_id=vocab["<|im_end|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+        tie_word_embeddings=True,
+    )
+    return tokenizer, _init(seed, Qwen3Model, config)
+
+
+def _build_zimage(seed: int, size: int) -> ZImagePipeline:
+    """Z-Image layout: a Qwen3 text encoder (second-to-last hidden state of the chat-templated prompt, padding
+    removed), an S3-DiT on lists of latents (one tensor per row) whose output is the negated velocity, FlowMatchEuler
+    with the static shift 3; CFG in one call on the rows ``[cond; uncond]``, ``guidance_scale`` being ``w - 1``."""
+    tokenizer, text_encoder = _qwen3(seed + 2)
+    transformer = _init(seed, ZImageTransformer2DModel, all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16,
+                        dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True,
+                        cap_feat_dim=_TEXT_DIM, rope_theta=256.0, t_scale=1000.0, axes_dims=[8, 4, 4],
+                        axes_lens=[1024, 64, 64])
+    generator = torch.Generator().manual_seed(seed + 100)  # the padding tokens start at zero: make them count
+    with torch.no_grad():
+        transformer.x_pad_token.copy_(torch.randn(transformer.x_pad_token.shape, generator=generator) * 0.02)
+        transformer.cap_pad_token.copy_(torch.randn(transformer.cap_pad_token.shape, generator=generator) * 0.02)
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False),
+        vae=_autoencoder_kl(seed + 1, size, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+
+
 def _build_chroma(seed: int, size: int) -> ChromaPipeline:
     """Chroma layout: Flux's MMDiT without the CLIP pooled input (a distilled modulation approximator instead), T5
     only; real CFG in two calls."""
@@ -821,6 +886,7 @@ _BUILDERS: dict[str, Callable[[int, int], DiffusionPipeline]] = {
     "chroma": _build_chroma,
     "lumina2": _build_lumina2,
     "hidream": _build_hidream,
+    "zimage": _build_zimage,
     "qwenimage": _build_qwenimage,
     "ltx": _build_ltx,
     "cogvideox": _build_cogvideox,
