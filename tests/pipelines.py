@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -117,3 +118,46 @@ def forward_replaced(module: torch.nn.Module, forward: Any) -> Iterator[None]:
         yield
     finally:
         del module.forward
+
+
+def _picture(side: int, seed: int) -> Any:
+    """A seeded random RGB picture (PIL) of ``side`` pixels."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.random.RandomState(seed).rand(side, side, 3) * 255).astype("uint8"))
+
+
+#: Image- and video-conditioned variants of the tiny families: class name -> (family whose components it takes,
+#: the extra call arguments at a pixel side).
+VARIANTS: dict[str, tuple[str, Any]] = {
+    "FluxImg2ImgPipeline": ("flux", lambda s: {"image": _picture(s, 1), "strength": 0.8}),
+    "FluxInpaintPipeline": ("flux", lambda s: {"image": _picture(s, 1), "mask_image": _picture(s, 2),
+                                               "strength": 0.8}),
+    "ChromaImg2ImgPipeline": ("chroma", lambda s: {"image": _picture(s, 1), "strength": 0.8}),
+    "QwenImageImg2ImgPipeline": ("qwenimage", lambda s: {"image": _picture(s, 1), "strength": 0.8}),
+    "QwenImageInpaintPipeline": ("qwenimage", lambda s: {"image": _picture(s, 1), "mask_image": _picture(s, 2),
+                                                         "strength": 0.8}),
+    "WanVideoToVideoPipeline": ("wan", lambda s: {"video": [_picture(s, i) for i in range(9)], "strength": 0.8}),
+    "LTXImageToVideoPipeline": ("ltx", lambda s: {"image": _picture(s, 1)}),
+}
+
+
+@functools.cache
+def variant(name: str) -> DiffusionPipeline:
+    """The variant ``name`` of :data:`VARIANTS` on its family's tiny components (one per test session)."""
+    family, _ = VARIANTS[name]
+    cls = getattr(diffusers, name)
+    accepted = inspect.signature(cls.__init__).parameters
+    pipe = cls(**{k: v for k, v in pipeline(family).components.items() if k in accepted})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def variant_call(name: str, batch_size: int = 2) -> dict[str, Any]:
+    """The call arguments of the variant ``name``: its family's tiny ones and its image or video."""
+    family, extra = VARIANTS[name]
+    call = tiny_call_kwargs(family, batch_size)
+    if "video" in extra(2):
+        call.pop("num_frames", None)
+    return {**call, **extra(call["height"])}

@@ -91,9 +91,10 @@ FAMILIES: dict[str, Family] = {
     **dict.fromkeys(("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
                      "StableDiffusion3InpaintPipeline"), _SD3),
     # Flux's guidance_scale is a distilled embedding; true CFG is two calls per step with a negative prompt.
-    "FluxPipeline": Family("transformer", scale_arg="true_cfg_scale", separate_calls=True,
+    **dict.fromkeys(("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"),
+                    Family("transformer", scale_arg="true_cfg_scale", separate_calls=True,
                            negative_args=("negative_prompt", "negative_prompt_embeds"),
-                           unbatched_args=("txt_ids", "img_ids"), token_positions="img_ids"),
+                           unbatched_args=("txt_ids", "img_ids"), token_positions="img_ids")),
     # Flux Kontext: Flux's true CFG with the reference image's tokens appended to the latent's.
     "FluxKontextPipeline": Family("transformer", scale_arg="true_cfg_scale", separate_calls=True,
                                   negative_args=("negative_prompt", "negative_prompt_embeds"),
@@ -101,9 +102,10 @@ FAMILIES: dict[str, Family] = {
                                   condition_tokens=True),
     # Qwen-Image: true CFG in two calls with a negative prompt; the pipeline rescales each token of the result to
     # the conditional prediction's norm.
-    "QwenImagePipeline": Family("transformer", scale_arg="true_cfg_scale", separate_calls=True,
-                                negative_args=("negative_prompt", "negative_prompt_embeds"),
-                                per_sample_lists=("img_shapes",), token_shapes="img_shapes"),
+    **dict.fromkeys(("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"),
+                    Family("transformer", scale_arg="true_cfg_scale", separate_calls=True,
+                           negative_args=("negative_prompt", "negative_prompt_embeds"),
+                           per_sample_lists=("img_shapes",), token_shapes="img_shapes")),
     # Lumina2: two calls; the transformer outputs the negated velocity; cfg_trunc_ratio < 1 drops the unconditional
     # call in late steps (Interval does that in sigma); cfg_normalization rescales the result after CFG.
     "Lumina2Pipeline": Family("transformer", separate_calls=True, negated_output=True,
@@ -116,13 +118,14 @@ FAMILIES: dict[str, Family] = {
     "ZImagePipeline": Family("transformer", cond_first=True, scale_offset=1.0, list_rows=True, negated_output=True,
                              neutral_args=(("cfg_truncation", 1.0),)),
     # Chroma: real CFG (guidance_scale) in two calls, on Flux's packed latents.
-    "ChromaPipeline": Family("transformer", separate_calls=True, unbatched_args=("txt_ids", "img_ids"),
-                             token_positions="img_ids"),
-    "LTXPipeline": _TRANSFORMER,
+    **dict.fromkeys(("ChromaPipeline", "ChromaImg2ImgPipeline"),
+                    Family("transformer", separate_calls=True, unbatched_args=("txt_ids", "img_ids"),
+                           token_positions="img_ids")),
+    **dict.fromkeys(("LTXPipeline", "LTXImageToVideoPipeline"), _TRANSFORMER),
     # CogVideoX's dynamic CFG changes the weight per step inside the pipeline.
     "CogVideoXPipeline": Family("transformer", unsupported_args=("use_dynamic_cfg",)),
     # Wan 2.1 / 2.2: two calls per step; 2.2 switches to transformer_2 (guidance_scale_2) below its boundary.
-    **dict.fromkeys(("WanPipeline", "WanImageToVideoPipeline"),
+    **dict.fromkeys(("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline"),
                     Family("transformer", separate_calls=True, experts=("transformer_2",),
                            expert_scale_args=("guidance_scale_2",))),
 }
