@@ -185,3 +185,16 @@ def test_zimage_guides_the_velocity_its_transformer_negates() -> None:
     cfg = final_latents(pipe, "zimage", steps=STEPS, batch_size=2, **_scale("zimage", w))
     assert (ours - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
     assert (cfg - expected).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["qwenimage", "fluxkontext"])
+def test_missing_negative_prompt_names_the_argument(family: str) -> None:
+    """Qwen-Image and Kontext make their unconditional call only with a negative prompt: a guidance that needs it
+    is refused, naming the argument, before anything runs."""
+    pipe = pipeline(family)
+    pipe.set_guidance(CFG(4.0))
+    try:
+        with pytest.raises(ValueError, match=r"^negative_prompt=None is not accepted .*true_cfg_scale > 1"):
+            final_latents(pipe, family, steps=2, true_cfg_scale=4.0, negative_prompt=None)
+    finally:
+        pipe.set_guidance(None)
