@@ -1,4 +1,5 @@
-"""The 2026 pipelines beside Wan: Z-Image (one call on lists of rows ``[cond; uncond]``, guidance_scale ``w - 1``,
+"""The 2026 pipelines beside Wan: CogView4 and HunyuanVideo (two calls per step; HunyuanVideo's true CFG needs a
+negative prompt), Z-Image (one call on lists of rows ``[cond; uncond]``, guidance_scale ``w - 1``,
 negated velocity), HiDream (one batched call, negated velocity, per-layer Llama states batched on
 their second dimension), Flux Kontext (Flux's two calls with the reference image's tokens appended), Chroma
 and Qwen-Image (two calls per step on packed latents; Qwen-Image rescales each
@@ -17,9 +18,10 @@ import guidekit
 from guidekit import CFG, Interval
 
 STEPS = 3
-FAMILIES = ("fluxkontext", "chroma", "qwenimage", "lumina2", "hidream", "zimage", "ltx", "cogvideox")
+FAMILIES = ("fluxkontext", "chroma", "qwenimage", "lumina2", "hidream", "zimage", "cogview4", "hunyuanvideo", "ltx",
+            "cogvideox")
 #: The argument that turns CFG on, where it is not guidance_scale.
-SCALE_ARG = {"qwenimage": "true_cfg_scale", "fluxkontext": "true_cfg_scale"}
+SCALE_ARG = {"qwenimage": "true_cfg_scale", "fluxkontext": "true_cfg_scale", "hunyuanvideo": "true_cfg_scale"}
 
 
 def _scale(family: str, value: float) -> dict[str, float]:
@@ -51,7 +53,7 @@ def test_empty_interval_computes_no_unconditional_rows(family: str) -> None:
     assert (out - conditional_only).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["qwenimage", "chroma", "hidream", "zimage"])
+@pytest.mark.parametrize("family", ["qwenimage", "chroma", "hidream", "zimage", "cogview4", "hunyuanvideo"])
 def test_partial_guidance_evaluates_only_guided_rows(family: str) -> None:
     """Sample 0 guided, sample 1 not: the unconditional call gets sample 0's row only (with its per-sample
     arguments, Qwen-Image's img_shapes and masks, cut to it; HiDream's one batched call gets three rows, its
@@ -187,7 +189,7 @@ def test_zimage_guides_the_velocity_its_transformer_negates() -> None:
     assert (cfg - expected).abs().max().item() > 1e-3
 
 
-@pytest.mark.parametrize("family", ["qwenimage", "fluxkontext"])
+@pytest.mark.parametrize("family", ["qwenimage", "fluxkontext", "hunyuanvideo"])
 def test_missing_negative_prompt_names_the_argument(family: str) -> None:
     """Qwen-Image and Kontext make their unconditional call only with a negative prompt: a guidance that needs it
     is refused, naming the argument, before anything runs."""

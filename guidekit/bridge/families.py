@@ -117,6 +117,11 @@ FAMILIES: dict[str, Family] = {
     # cfg_truncation < 1 drops the unconditional rows in late steps.
     "ZImagePipeline": Family("transformer", cond_first=True, scale_offset=1.0, list_rows=True, negated_output=True,
                              neutral_args=(("cfg_truncation", 1.0),)),
+    # HunyuanVideo: Flux-like true CFG (true_cfg_scale and a negative prompt; guidance_scale is distilled), video.
+    "HunyuanVideoPipeline": Family("transformer", scale_arg="true_cfg_scale", separate_calls=True,
+                                   negative_args=("negative_prompt", "negative_prompt_embeds")),
+    # CogView4: real CFG in two calls (the negative prompt defaults to "").
+    "CogView4Pipeline": Family("transformer", separate_calls=True),
     # Chroma: real CFG (guidance_scale) in two calls, on Flux's packed latents.
     **dict.fromkeys(("ChromaPipeline", "ChromaImg2ImgPipeline"),
                     Family("transformer", separate_calls=True, unbatched_args=("txt_ids", "img_ids"),

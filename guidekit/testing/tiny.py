@@ -8,6 +8,7 @@ memory; every module is seeded before construction, so equal arguments give bitw
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -17,6 +18,7 @@ from diffusers import (
     AutoencoderDC,
     AutoencoderKL,
     AutoencoderKLCogVideoX,
+    AutoencoderKLHunyuanVideo,
     AutoencoderKLLTXVideo,
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
@@ -25,6 +27,8 @@ from diffusers import (
     CogVideoXDDIMScheduler,
     CogVideoXPipeline,
     CogVideoXTransformer3DModel,
+    CogView4Pipeline,
+    CogView4Transformer2DModel,
     ControlNetModel,
     DDIMScheduler,
     DiffusionPipeline,
@@ -38,6 +42,8 @@ from diffusers import (
     FluxTransformer2DModel,
     HiDreamImagePipeline,
     HiDreamImageTransformer2DModel,
+    HunyuanVideoPipeline,
+    HunyuanVideoTransformer3DModel,
     LTXPipeline,
     LTXVideoTransformer3DModel,
     Lumina2Pipeline,
@@ -61,7 +67,8 @@ from diffusers import (
     ZImagePipeline,
     ZImageTransformer2DModel,
 )
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from torch import nn
 from transformers import (
     CLIPTextConfig,
@@ -71,8 +78,12 @@ from transformers import (
     Gemma2Config,
     Gemma2Model,
     GemmaTokenizer,
+    GlmConfig,
+    GlmModel,
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaModel,
+    LlamaTokenizerFast,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -97,9 +108,10 @@ __all__ = [
     "tiny_call_kwargs",
 ]
 
-FAMILIES: tuple[str, ...] = ("sd", "sd-v", "sdxl", "dit", "pixart", "sd3", "sana", "flux", "fluxkontext", "chroma",
-                             "qwenimage",
-                             "lumina2", "hidream", "zimage", "wan", "wan22", "wan22-i2v", "ltx", "cogvideox")
+FAMILIES: tuple[str, ...] = (
+    "sd", "sd-v", "sdxl", "dit", "pixart", "sd3", "sana", "flux", "fluxkontext", "chroma", "qwenimage", "lumina2",
+    "hidream", "zimage", "cogview4", "wan", "wan22", "wan22-i2v", "hunyuanvideo", "ltx", "cogvideox",
+)
 
 DEFAULT_SAMPLE_SIZE = 16
 """Default latent side length; every tiny autoencoder downsamples by 2, so images are 32 x 32 pixels."""
@@ -107,14 +119,27 @@ DEFAULT_SAMPLE_SIZE = 16
 _VAE_SCALE_FACTOR = 2
 _TEXT_DIM = 32
 _MAX_SEQUENCE_LENGTH = 16
+_HUNYUAN_LLAMA_LAYERS = 3  # the pipeline reads hidden_states[-3]: with 3 layers that is the first layer's output
+#: Llama 3's pre-tokenizer split (its tokenizer.json), applied before the byte-level mapping.
+_LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_HUNYUAN_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+_GLM_SPECIALS = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                 "<|assistant|>", "<|observation|>")
+
+
 _LONG_CLIP_POSITIONS = 248  # HiDream's CLIP encoders are Long-CLIP; its pipeline pads CLIP to up to 218 tokens
 _HIDREAM_LLAMA_LAYERS = 2
 _NUM_FRAMES = 9
 #: The video families: their pipelines return ``frames``; their latents are ``(B, C, T, H, W)`` (Wan),
 #: ``(B, T, C, H, W)`` (CogVideoX) or packed tokens ``(B, T * H * W, C)`` (LTX).
-VIDEO_FAMILIES: tuple[str, ...] = ("wan", "wan22", "wan22-i2v", "ltx", "cogvideox")
+VIDEO_FAMILIES: tuple[str, ...] = ("wan", "wan22", "wan22-i2v", "hunyuanvideo", "ltx",
+                             "cogvideox")
 #: Pixels per latent pixel of each family whose VAE is not the two-level AutoencoderKL.
-_PIXELS_PER_LATENT = {"wan": 8, "wan22": 8, "wan22-i2v": 8, "ltx": 4, "cogvideox": 8, "qwenimage": 4, "lumina2": 8}
+_PIXELS_PER_LATENT = {"wan": 8, "wan22": 8, "wan22-i2v": 8, "hunyuanvideo": 8, "ltx": 4, "cogvideox": 8,
+                      "qwenimage": 4, "lumina2": 8}
 _CHARS = string.digits + string.ascii_letters + string.punctuation
 
 _M = TypeVar("_M", bound=nn.Module)
@@ -175,7 +200,7 @@ def tiny_call_kwargs(family: str, batch_size: int = 1, *, sample_size: int | Non
         kwargs["num_frames"] = _NUM_FRAMES
     if family in ("fluxkontext", "wan22-i2v"):  # the reference image, at the generated size
         kwargs["image"] = torch.rand((1, 3, side, side), generator=torch.Generator().manual_seed(1))
-    if family in ("pixart", "sd3", "sana", "flux", "fluxkontext", "chroma", "lumina2", "hidream", "zimage",
+    if family in ("pixart", "sd3", "sana", "flux", "fluxkontext", "chroma", "lumina2", "hidream", "zimage", "cogview4",
                   *VIDEO_FAMILIES):
         kwargs["max_sequence_length"] = _MAX_SEQUENCE_LENGTH
     if family in ("pixart", "sana"):
@@ -183,7 +208,7 @@ def tiny_call_kwargs(family: str, batch_size: int = 1, *, sample_size: int | Non
         kwargs["clean_caption"] = False
     if family == "sana":
         kwargs["complex_human_instruction"] = None
-    if family in ("flux", "fluxkontext", "qwenimage"):
+    if family in ("flux", "fluxkontext", "qwenimage", "hunyuanvideo"):
         kwargs["negative_prompt"] = ["a blurry photo"] * batch_size
     if family == "fluxkontext":  # no resizing to Kontext's areas
         kwargs["max_area"], kwargs["_auto_resize"] = side * side, False
@@ -790,6 +815,131 @@ def _build_zimage(seed: int, size: int) -> ZImagePipeline:
         text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
 
 
+def _hunyuan_llama(seed: int) -> tuple[LlamaTokenizerFast, LlamaModel]:
+    """Byte-level BPE tokenizer in Llama 3 style (Llama 3's pre-tokenizer split; prepends ``<|begin_of_text|>``,
+    pads on the right with ``<|end_of_text|>``) and a three-layer LlamaModel.
+
+    Besides the 256 byte tokens and the specials, the vocabulary holds every pre-token of HunyuanVideo's default
+    prompt template as one token (``ignore_merges`` lets BPE take a whole pre-token found in the vocabulary without
+    merges), so the template's system/user prefix is 95 tokens, as with the real tokenizer, and the default
+    ``crop_start=95`` cuts exactly at the user prompt. Other words fall back to bytes.
+    """
+    vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
+    for special in _HUNYUAN_SPECIALS:
+        vocab[special] = len(vocab)
+    pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_PATTERN), behavior="isolated"),
+                                             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    split = "(" + "|".join(map(re.escape, _HUNYUAN_SPECIALS)) + ")"
+    for part in re.split(split, DEFAULT_PROMPT_TEMPLATE["template"].replace("{}", "")):
+        if part and part not in _HUNYUAN_SPECIALS:
+            for word, _ in pre_tokenizer.pre_tokenize_str(part):
+                vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.ByteLevel()
+    bos = ("<|begin_of_text|>", vocab["<|begin_of_text|>"])
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B",
+                                                           special_tokens=[bos])
+    tokenizer = LlamaTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   pad_token="<|end_of_text|>", padding_side="right", model_max_length=131072)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"]})
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=_TEXT_DIM,
+        intermediate_size=2 * _TEXT_DIM,
+        num_hidden_layers=_HUNYUAN_LLAMA_LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=1024,
+        bos_token_id=vocab["<|begin_of_text|>"],
+        eos_token_id=vocab["<|eot_id|>"],
+        pad_token_id=vocab["<|end_of_text|>"],
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    )
+    return tokenizer, _init(seed, LlamaModel, config)
+
+
+def _build_hunyuanvideo(seed: int, size: int) -> HunyuanVideoPipeline:
+    """HunyuanVideo layout: a Llama text encoder (third-to-last hidden state of the templated prompt, template
+    cropped), a CLIP text encoder (pooled), a guidance-distilled dual/single-stream video transformer with patches
+    1 x 2 x 2, a causal 3-D VAE with 8x spatial and 4x temporal compression, flow matching with shift 7; true CFG
+    (``true_cfg_scale > 1`` and a negative prompt) in two transformer calls per step."""
+    tokenizer, text_encoder = _hunyuan_llama(seed + 3)
+    transformer = _init(seed, HunyuanVideoTransformer3DModel, in_channels=4, out_channels=4, num_attention_heads=2,
+                        attention_head_dim=16, num_layers=1, num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0,
+                        patch_size=2, patch_size_t=1, guidance_embeds=True, text_embed_dim=_TEXT_DIM,
+                        pooled_projection_dim=_TEXT_DIM, rope_axes_dim=(4, 6, 6))
+    vae = _init(seed + 1, AutoencoderKLHunyuanVideo, in_channels=3, out_channels=3, latent_channels=4,
+                down_block_types=("HunyuanVideoDownBlock3D",) * 4, up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+                block_out_channels=(8, 8, 8, 8), layers_per_block=1, act_fn="silu", norm_num_groups=4,
+                scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
+                mid_block_add_attention=True)
+    pipe = HunyuanVideoPipeline(
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=_clip_text_encoder(seed + 2, projection=False),
+        tokenizer_2=_clip_tokenizer(),
+    )
+    return pipe
+
+
+def _glm(seed: int) -> tuple[PreTrainedTokenizerFast, GlmModel]:
+    """Byte-level BPE tokenizer without merges in GLM-4 style (prepends ``[gMASK]<sop>``, pads on the left with
+    ``<|endoftext|>``; CogView4 pads further on the left to a multiple of 16 and gives the encoder no attention
+    mask) and a two-layer GlmModel (the pipeline reads ``hidden_states[-2]``, the first layer's output)."""
+    vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
+    for special in _GLM_SPECIALS:
+        vocab[special] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    prefix = [("[gMASK]", vocab["[gMASK]"]), ("<sop>", vocab["<sop>"])]
+    backend.post_processor = processors.TemplateProcessing(single="[gMASK] <sop> $A", pair="[gMASK] <sop> $A $B",
+                                                           special_tokens=prefix)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                        padding_side="left", model_max_length=128000,
+                                        additional_special_tokens=list(_GLM_SPECIALS[1:]))
+    config = GlmConfig(
+        vocab_size=len(vocab),
+        hidden_size=_TEXT_DIM,
+        intermediate_size=2 * _TEXT_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=1024,
+        pad_token_id=vocab["<|endoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+    )
+    return tokenizer, _init(seed, GlmModel, config)
+
+
+def _build_cogview4(seed: int, size: int) -> CogView4Pipeline:
+    """CogView4 layout: a GLM text encoder (second-to-last hidden state, left-padded to a multiple of 16 tokens),
+    a 16-channel AutoencoderKL (2x here), a single-stream DiT with patches 2 x 2 and SDXL-like size conditions,
+    flow matching with linear dynamic shift; CFG (``guidance_scale > 1``; the negative prompt defaults to "") in two
+    transformer calls per step."""
+    tokenizer, text_encoder = _glm(seed + 2)
+    transformer = _init(seed, CogView4Transformer2DModel, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                        attention_head_dim=16, num_attention_heads=2, text_embed_dim=_TEXT_DIM, time_embed_dim=16,
+                        condition_dim=8, sample_size=size, rope_axes_dim=(256, 256))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True,
+                                                base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                                max_image_seq_len=4096, time_shift_type="linear")
+    pipe = CogView4Pipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=_autoencoder_kl(seed + 1, size, latent_channels=16, scaling_factor=1.0),
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+    return pipe
+
+
 def _build_chroma(seed: int, size: int) -> ChromaPipeline:
     """Chroma layout: Flux's MMDiT without the CLIP pooled input (a distilled modulation approximator instead), T5
     only; real CFG in two calls."""
@@ -887,6 +1037,8 @@ _BUILDERS: dict[str, Callable[[int, int], DiffusionPipeline]] = {
     "lumina2": _build_lumina2,
     "hidream": _build_hidream,
     "zimage": _build_zimage,
+    "cogview4": _build_cogview4,
+    "hunyuanvideo": _build_hunyuanvideo,
     "qwenimage": _build_qwenimage,
     "ltx": _build_ltx,
     "cogvideox": _build_cogvideox,
