@@ -384,10 +384,10 @@ class GuidedDenoiser:
         if n_guided == b and self.batched and n_perturbed == 0:  # the pipeline's own batch: native arithmetic
             positive = torch.arange(cond_rows.start, cond_rows.stop) if self.nag is not None else None
             result = self._forward(*args, **kwargs, positive=positive)
+            if self._cfg_weight(ctx, masks, done) == self.scales[self._expert]:  # the pipeline's own CFG
+                return self._pipeline_combines(ctx, masks, result, None, None, self.scales[self._expert])
             first_half, second_half = _output_tensor(result).chunk(2)
             cond, uncond = (first_half, second_half) if cond_rows.start == 0 else (second_half, first_half)
-            if self._cfg_weight(ctx, masks, done) == self.scales[self._expert]:  # the pipeline's own CFG
-                return self._pipeline_combines(ctx, masks, result, cond, uncond, self.scales[self._expert], True)
             pred = self._full(self._combine(ctx, cond, {UNCOND: uncond, **done}, masks), cond)
             return _with_output(result, torch.cat([pred, pred]))  # never written into the network's buffer
         cond_idx = torch.arange(cond_rows.start, cond_rows.stop)
@@ -452,31 +452,32 @@ class GuidedDenoiser:
         sampler takes the unconditional prediction, and the weight is at most :data:`_MAX_PIPELINE_WEIGHT` (so that
         finite predictions give a finite combination, which the finite check of the predictions then vouches for;
         larger weights are combined here and their result checked)."""
-        if done or self._receiver is not None or any(p is not UNCOND and bool(m.any()) for p, m in masks.items()):
+        if done or self._receiver is not None or any(p is not UNCOND and any(m.tolist()) for p, m in masks.items()):
             return None
         weight = self.guidance.cfg_weight(ctx, self.state)
         return weight if weight is not None and abs(weight) <= _MAX_PIPELINE_WEIGHT else None
 
-    def _pipeline_combines(self, ctx: GuidanceContext, masks: PassMasks, result: Any, cond: torch.Tensor,
-                           uncond: torch.Tensor, weight: float, batched: bool = False) -> Any:
+    def _pipeline_combines(self, ctx: GuidanceContext, masks: PassMasks, result: Any, cond: torch.Tensor | None,
+                           uncond: torch.Tensor | None, weight: float) -> Any:
         """The network's output for a call whose guided prediction is the pipeline's own ``u + s (c - u)`` with
-        ``s`` replaced by ``weight``: unchanged where ``weight`` is ``s`` (the pipeline's arithmetic, bit for bit);
-        else (separate calls, where ``result`` is the unconditional call's) ``u' = c + (w - 1) / (s - 1) (u - c)`` in
-        the guided channels, so that ``u' + s (c - u') = u + w (c - u)``. ``batched``: ``result`` holds both halves
-        (and ``weight`` is ``s``)."""
+        ``s`` replaced by ``weight``: unchanged where ``weight`` is ``s`` (the pipeline's arithmetic, bit for bit;
+        ``cond`` and ``uncond`` are then not needed); else (separate calls, where ``result`` is the unconditional
+        call's) ``u' = c + (w - 1) / (s - 1) (u - c)`` in the guided channels, so that ``u' + s (c - u') = u + w (c -
+        u)``."""
         self._count(masks)
-        if self._channels is None:
-            self._channels = min(ctx.x.shape[1], cond.shape[1])
-        scale = self.scales[self._expert]
         out = _output_tensor(result)
+        if self._channels is None:
+            self._channels = min(ctx.x.shape[1], out.shape[1])
+        scale = self.scales[self._expert]
         if weight != scale:
+            assert cond is not None and uncond is not None
             c = self._channels
             moved = torch.lerp(cond[:, :c], uncond[:, :c], (weight - 1.0) / (scale - 1.0))
             out = moved if c == out.shape[1] else torch.cat([moved, out[:, c:]], dim=1)
             result = _with_output(result, out)
         # The pipeline's combination of finite predictions with a finite weight is finite (barring overflow).
         total = out.sum(dtype=_SUM_DTYPES.get(out.dtype))
-        if not batched:
+        if cond is not None:  # separate calls: the conditional rows came with the first call
             total = total + cond.sum(dtype=_SUM_DTYPES.get(cond.dtype))
         self._finite.append((ctx.step, ctx.level, total))
         return result

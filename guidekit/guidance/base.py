@@ -223,8 +223,17 @@ class GuidanceContext:
 
 
 def constant_mask(n: int, value: bool) -> torch.Tensor:
-    """A new boolean CPU mask of ``n`` samples, all ``value``."""
-    return torch.full((n,), value, dtype=torch.bool)
+    """A boolean CPU mask of ``n`` samples, all ``value``: one shared tensor per ``(n, value)``, made once (masks are
+    combined into new ones, never changed in place)."""
+    key = (n, bool(value))
+    mask = _CONSTANT_MASKS.get(key)
+    if mask is None:
+        mask = _CONSTANT_MASKS[key] = torch.full((n,), key[1], dtype=torch.bool)
+    return mask
+
+
+#: The masks :func:`constant_mask` hands out.
+_CONSTANT_MASKS: dict[tuple[int, bool], torch.Tensor] = {}
 
 
 def set_field(obj: object, name: str, value: object) -> None:
