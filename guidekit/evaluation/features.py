@@ -592,9 +592,14 @@ def load_feature_network(spec: str = "inception", device: str | torch.device = "
     """A feature network from a config/CLI string.
 
     ``"inception"`` (tf-legacy preprocessing), ``"inception:tf-legacy"``, ``"inception:clean"``,
-    ``"clip:<hub id or directory>"``, ``"dinov2:<hub id or directory>"``.
+    ``"clip:<hub id or directory>"``, ``"dinov2:<hub id or directory>"``, ``"digits"`` (the embedded digits model's
+    classifier, :mod:`guidekit.evaluation.digit_features`; ``"digits:<weights file>"`` for other weights).
     """
     kind, _, argument = str(spec).partition(":")
+    if kind == "digits":
+        from guidekit.evaluation.digit_features import WEIGHTS, DigitFeatures
+
+        return DigitFeatures(argument or WEIGHTS, device=device)
     if kind == "inception" and argument in ("", *_INCEPTION_MODES):
         return InceptionFeatures(preprocessing=argument or "tf-legacy", device=device)
     if kind == "clip" and argument:
@@ -602,4 +607,4 @@ def load_feature_network(spec: str = "inception", device: str | torch.device = "
     if kind == "dinov2" and argument:
         return Dinov2Features(argument, device=device)
     raise ValueError(f"spec={spec!r} is not accepted; expected 'inception', 'inception:tf-legacy', "
-                     "'inception:clean', 'clip:<model id or path>' or 'dinov2:<model id or path>'")
+                     "'inception:clean', 'clip:<model id or path>', 'dinov2:<model id or path>' or 'digits'")

@@ -1,0 +1,75 @@
+"""Features for the embedded 8 x 8 digits model: the penultimate layer of a small digit classifier.
+
+The Inception network sees an 8 x 8 image resized to 299 x 299, far from what it was trained on, and costs a second
+per few images on a CPU. For the embedded model guidekit ships a classifier trained on the same data (coloured
+handwritten digits, :mod:`guidekit.app.digits`; ``scripts/train_digit_features.py``), like the LeNet features used
+for MNIST FIDs: two 3 x 3 convolutions (16 and 32 channels, ReLU), a 2 x 2 max-pool, a 64-unit hidden layer (the
+features, after ReLU) and a 10-way head (the logits). FD, precision/recall and density/coverage of thousands of
+samples then take seconds on a CPU. Select it with ``feature_network="digits"``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from guidekit.app.digits import NUM_CLASSES
+from guidekit.evaluation.features import TorchFeatures, file_sha256
+
+#: The shipped weights and their training record.
+WEIGHTS = Path(__file__).resolve().parents[1] / "app" / "default_model" / "digit_features" / "model.safetensors"
+RECORD = WEIGHTS.with_name("training.json")
+#: The feature dimension.
+DIM = 64
+
+
+class DigitNet(nn.Module):
+    """The digit classifier (module docstring): RGB ``(N, 3, 8, 8)`` in ``[0, 1]`` to features ``(N, 64)``;
+    :meth:`logits` maps features to the 10 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                                  nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 4 * 4, DIM), nn.ReLU())
+        self.head = nn.Linear(DIM, NUM_CLASSES)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+
+def load_digit_net(path: str | Path = WEIGHTS) -> DigitNet:
+    """The classifier with the weights at ``path`` (the shipped ones by default)."""
+    net = DigitNet()
+    net.load_state_dict(load_file(str(path)))
+    return net.eval().requires_grad_(False)
+
+
+class DigitFeatures(TorchFeatures):
+    """The classifier's penultimate features (64) and logits (10) of uint8 images ``(N, 3, 8, 8)``; its identity
+    names the weights file by sha256 and records the held-out accuracy of its training."""
+
+    def __init__(self, path: str | Path = WEIGHTS, device: str | torch.device = "cpu", batch_size: int = 1024) -> None:
+        path = Path(path)
+        net = load_digit_net(path)
+        record = json.loads(path.with_name("training.json").read_text()) if path.with_name("training.json").exists() \
+            else {}
+        super().__init__(net, "digits-cnn", DIM, preprocessing="unit", logits_fn=net.logits, device=device,
+                         batch_size=batch_size,
+                         extra_identity={"weights_sha256": file_sha256(path),
+                                         "held_out_accuracy": record.get("held_out_accuracy")})
+
+    def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if images.shape[-2:] != (8, 8):
+            raise ValueError(f"images of size {tuple(images.shape[-2:])} are not accepted by the digits feature "
+                             "network; expected 8 x 8 (the embedded model's)")
+        return super()._forward(images)
+
+
+__all__ = ["DIM", "WEIGHTS", "DigitFeatures", "DigitNet", "load_digit_net"]
