@@ -285,8 +285,10 @@ def _clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def _clip_text_encoder(seed: int, *, projection: bool) -> CLIPTextModel | CLIPTextModelWithProjection:
-    """Two-layer CLIP text encoder matching :func:`_clip_tokenizer`, optionally with a text projection."""
+def _clip_text_encoder(seed: int, *, projection: bool, positions: int = 77
+                       ) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """Two-layer CLIP text encoder matching :func:`_clip_tokenizer`, optionally with a text projection, with
+    ``positions`` token positions (Long-CLIP: 248)."""
     config = CLIPTextConfig(
         vocab_size=2 + 2 * len(_CHARS),
         hidden_size=_TEXT_DIM,
@@ -294,7 +296,7 @@ def _clip_text_encoder(seed: int, *, projection: bool) -> CLIPTextModel | CLIPTe
         projection_dim=_TEXT_DIM,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=77,
+        max_position_embeddings=positions,
         hidden_act="gelu",
         bos_token_id=0,
         eos_token_id=1,
@@ -627,13 +629,41 @@ def _build_flux(seed: int, size: int) -> FluxPipeline:
     )
 
 
+def _byte_vocab(specials: tuple[str, ...]) -> dict[str, int]:
+    """A byte-level vocabulary without merges: the 256 byte characters (GPT-2's mapping), then ``specials``."""
+    vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
+    for special in specials:
+        vocab[special] = len(vocab)
+    return vocab
+
+
+def _byte_bpe(vocab: dict[str, int], prefix: tuple[str, ...], pre_tokenizer: Any = None) -> Tokenizer:
+    """A byte-level BPE tokenizer over ``vocab`` without merges (a whole pre-token found in the vocabulary is one
+    token), prepending the ``prefix`` specials to every text."""
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+    backend.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    head = " ".join(prefix)
+    backend.post_processor = processors.TemplateProcessing(single=f"{head} $A", pair=f"{head} $A {head} $B",
+                                                           special_tokens=[(t, vocab[t]) for t in prefix])
+    return backend
+
+
+def _llama_config(vocab: dict[str, int], layers: int, pad: str, **extra: Any) -> LlamaConfig:
+    """A Llama 3-style decoder config of width ``_TEXT_DIM`` over ``vocab`` (bos ``<|begin_of_text|>``, eos
+    ``<|eot_id|>``, padding ``pad``)."""
+    return LlamaConfig(vocab_size=len(vocab), hidden_size=_TEXT_DIM, intermediate_size=2 * _TEXT_DIM,
+                       num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                       max_position_embeddings=1024, bos_token_id=vocab["<|begin_of_text|>"],
+                       eos_token_id=vocab["<|eot_id|>"], pad_token_id=vocab[pad],
+                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, **extra)
+
+
 def _qwen(seed: int) -> tuple[Qwen2Tokenizer, Qwen2_5_VLForConditionalGeneration]:
     """Byte-level Qwen2 tokenizer without merges (each byte a token, plus the chat and vision specials) and a
     two-layer Qwen2.5-VL with a two-block vision tower, as Qwen-Image's text encoder."""
-    vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
-    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                    "<|image_pad|>"):
-        vocab[special] = len(vocab)
+    vocab = _byte_vocab(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                         "<|image_pad|>"))
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=2048)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     config = Qwen2_5_VLConfig(
@@ -674,54 +704,14 @@ def _build_lumina2(seed: int, size: int) -> Lumina2Pipeline:
                            text_encoder=text_encoder, tokenizer=tokenizer)
 
 
-def _long_clip(seed: int) -> CLIPTextModelWithProjection:
-    """Two-layer projected CLIP text encoder matching ``_clip_tokenizer`` with Long-CLIP's 248 positions."""
-    config = CLIPTextConfig(
-        vocab_size=2 + 2 * len(_CHARS),
-        hidden_size=_TEXT_DIM,
-        intermediate_size=2 * _TEXT_DIM,
-        projection_dim=_TEXT_DIM,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=_LONG_CLIP_POSITIONS,
-        hidden_act="gelu",
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    return _init(seed, CLIPTextModelWithProjection, config)
-
-
 def _llama(seed: int) -> tuple[PreTrainedTokenizerFast, LlamaForCausalLM]:
     """Byte-level BPE tokenizer without merges that prepends ``<|begin_of_text|>`` (Llama 3 style; the pipeline pads
     with the eos token ``<|eot_id|>``), and a two-layer Llama decoder (eager attention: the pipeline asks for
     attention maps)."""
-    vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
-    for special in ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"):
-        vocab[special] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    bos = ("<|begin_of_text|>", vocab["<|begin_of_text|>"])
-    backend.post_processor = processors.TemplateProcessing(single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B",
-                                                           special_tokens=[bos])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>",
-                                        eos_token="<|eot_id|>", model_max_length=131072)
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=_TEXT_DIM,
-        intermediate_size=2 * _TEXT_DIM,
-        num_hidden_layers=_HIDREAM_LLAMA_LAYERS,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=1024,
-        bos_token_id=vocab["<|begin_of_text|>"],
-        eos_token_id=vocab["<|eot_id|>"],
-        pad_token_id=vocab["<|eot_id|>"],
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-        attn_implementation="eager",
-    )
+    vocab = _byte_vocab(("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_byte_bpe(vocab, ("<|begin_of_text|>",)),
+                                        bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", model_max_length=131072)
+    config = _llama_config(vocab, _HIDREAM_LLAMA_LAYERS, "<|eot_id|>", attn_implementation="eager")
     return tokenizer, _init(seed, LlamaForCausalLM, config)
 
 
@@ -745,8 +735,10 @@ def _build_hidream(seed: int, size: int) -> HiDreamImagePipeline:
         scheduler=UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
                                           use_flow_sigmas=True, flow_shift=3.0),
         vae=_autoencoder_kl(seed + 1, size, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159),
-        text_encoder=_long_clip(seed + 2), tokenizer=clip_tokenizers[0],
-        text_encoder_2=_long_clip(seed + 3), tokenizer_2=clip_tokenizers[1],
+        text_encoder=_clip_text_encoder(seed + 2, projection=True, positions=_LONG_CLIP_POSITIONS),
+        tokenizer=clip_tokenizers[0],
+        text_encoder_2=_clip_text_encoder(seed + 3, projection=True, positions=_LONG_CLIP_POSITIONS),
+        tokenizer_2=clip_tokenizers[1],
         text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
         text_encoder_4=text_encoder_4, tokenizer_4=tokenizer_4,
         transformer=transformer,
@@ -772,9 +764,7 @@ _QWEN3_CHAT_TEMPLATE = (
 def _qwen3(seed: int) -> tuple[Qwen2Tokenizer, Qwen3Model]:
     """Byte-level Qwen2 tokenizer without merges (each byte a token, plus Qwen3's chat specials) with Qwen3's chat
     template, and a two-layer Qwen3 decoder (Z-Image loads ``Qwen3Model``, not the LM head)."""
-    vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
-    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"):
-        vocab[special] = len(vocab)
+    vocab = _byte_vocab(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"))
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=40960)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]})
     tokenizer.chat_template = _QWEN3_CHAT_TEMPLATE
@@ -824,9 +814,7 @@ def _hunyuan_llama(seed: int) -> tuple[LlamaTokenizerFast, LlamaModel]:
     merges), so the template's system/user prefix is 95 tokens, as with the real tokenizer, and the default
     ``crop_start=95`` cuts exactly at the user prompt. Other words fall back to bytes.
     """
-    vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
-    for special in _HUNYUAN_SPECIALS:
-        vocab[special] = len(vocab)
+    vocab = _byte_vocab(_HUNYUAN_SPECIALS)
     pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_PATTERN), behavior="isolated"),
                                              pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     split = "(" + "|".join(map(re.escape, _HUNYUAN_SPECIALS)) + ")"
@@ -834,29 +822,11 @@ def _hunyuan_llama(seed: int) -> tuple[LlamaTokenizerFast, LlamaModel]:
         if part and part not in _HUNYUAN_SPECIALS:
             for word, _ in pre_tokenizer.pre_tokenize_str(part):
                 vocab.setdefault(word, len(vocab))
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
-    backend.pre_tokenizer = pre_tokenizer
-    backend.decoder = decoders.ByteLevel()
-    bos = ("<|begin_of_text|>", vocab["<|begin_of_text|>"])
-    backend.post_processor = processors.TemplateProcessing(single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B",
-                                                           special_tokens=[bos])
-    tokenizer = LlamaTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                   pad_token="<|end_of_text|>", padding_side="right", model_max_length=131072)
+    tokenizer = LlamaTokenizerFast(tokenizer_object=_byte_bpe(vocab, ("<|begin_of_text|>",), pre_tokenizer),
+                                   bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|end_of_text|>",
+                                   padding_side="right", model_max_length=131072)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"]})
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=_TEXT_DIM,
-        intermediate_size=2 * _TEXT_DIM,
-        num_hidden_layers=_HUNYUAN_LLAMA_LAYERS,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=1024,
-        bos_token_id=vocab["<|begin_of_text|>"],
-        eos_token_id=vocab["<|eot_id|>"],
-        pad_token_id=vocab["<|end_of_text|>"],
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-    )
+    config = _llama_config(vocab, _HUNYUAN_LLAMA_LAYERS, "<|end_of_text|>")
     return tokenizer, _init(seed, LlamaModel, config)
 
 
@@ -891,18 +861,10 @@ def _glm(seed: int) -> tuple[PreTrainedTokenizerFast, GlmModel]:
     """Byte-level BPE tokenizer without merges in GLM-4 style (prepends ``[gMASK]<sop>``, pads on the left with
     ``<|endoftext|>``; CogView4 pads further on the left to a multiple of 16 and gives the encoder no attention
     mask) and a two-layer GlmModel (the pipeline reads ``hidden_states[-2]``, the first layer's output)."""
-    vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
-    for special in _GLM_SPECIALS:
-        vocab[special] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    prefix = [("[gMASK]", vocab["[gMASK]"]), ("<sop>", vocab["<sop>"])]
-    backend.post_processor = processors.TemplateProcessing(single="[gMASK] <sop> $A", pair="[gMASK] <sop> $A $B",
-                                                           special_tokens=prefix)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                        padding_side="left", model_max_length=128000,
-                                        additional_special_tokens=list(_GLM_SPECIALS[1:]))
+    vocab = _byte_vocab(_GLM_SPECIALS)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_byte_bpe(vocab, ("[gMASK]", "<sop>")),
+                                        eos_token="<|endoftext|>", pad_token="<|endoftext|>", padding_side="left",
+                                        model_max_length=128000, additional_special_tokens=list(_GLM_SPECIALS[1:]))
     config = GlmConfig(
         vocab_size=len(vocab),
         hidden_size=_TEXT_DIM,
