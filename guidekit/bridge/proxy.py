@@ -291,12 +291,11 @@ class GuidedDenoiser:
             ctx = replace(ctx, x=ctx.x[:, :c])
         if cond.shape[1] != c:
             cond, extra = cond[:, :c], {p: v[:, :c] for p, v in extra.items()}
-        if self.family.negated_output:
-            cond, extra = -cond, {p: -v for p, v in extra.items()}
         uncond = extra[UNCOND]
-        pred = apply_guidance(self.guidance, cond, extra, masks, ctx, self.state)
-        if self.family.negated_output:
-            pred, uncond, cond = -pred, -uncond, -cond
+        if self.family.negated_output:  # the guidance sees the scheduler's prediction; the result goes back negated
+            pred = -apply_guidance(self.guidance, -cond, {p: -v for p, v in extra.items()}, masks, ctx, self.state)
+        else:
+            pred = apply_guidance(self.guidance, cond, extra, masks, ctx, self.state)
         # Read once, after the call: the sum is finite when every element is, and costs one reduction.
         self._finite.append((ctx.step, ctx.level, pred.sum(dtype=_SUM_DTYPES.get(pred.dtype))))
         if self._receiver is not None:  # samples without an unconditional row pass their conditional one
