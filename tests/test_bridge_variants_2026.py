@@ -8,6 +8,7 @@ import pytest
 import torch
 from pipelines import VARIANTS, variant, variant_call
 
+import guidekit
 from guidekit import CFG, Interval
 from guidekit.bridge.families import family_of_class
 
@@ -24,16 +25,11 @@ def _latents(pipe, name: str, scale: float) -> torch.Tensor:  # type: ignore[no-
 def test_cfg_equals_native_and_empty_interval_skips(name: str) -> None:
     pipe = variant(name)
     native = _latents(pipe, name, 4.0)
-    pipe.set_guidance(CFG(4.0))
-    try:
+    with guidekit.guided(pipe, CFG(4.0)) as run:
         guided = _latents(pipe, name, 4.0)
-        rows = pipe.guidance_stats.computed
-        pipe.set_guidance(Interval(CFG(4.0), 1e4, 2e4))
+    with guidekit.guided(pipe, Interval(CFG(4.0), 1e4, 2e4)) as empty:
         skipped = _latents(pipe, name, 4.0)
-        uncond = pipe.guidance_stats.uncond_rows
-    finally:
-        pipe.set_guidance(None)
-    assert torch.equal(guided, native) and rows["uncond"] == rows["cond"] > 0
+    assert torch.equal(guided, native) and run.stats.computed["uncond"] == run.stats.computed["cond"] > 0
     conditional_only = _latents(pipe, name, 1.0)
-    assert uncond == 0 and (skipped - conditional_only).abs().max().item() <= 1e-5
+    assert empty.stats.uncond_rows == 0 and (skipped - conditional_only).abs().max().item() <= 1e-5
     assert (native - conditional_only).abs().max().item() > 1e-3

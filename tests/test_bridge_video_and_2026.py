@@ -29,6 +29,17 @@ def _scale(family: str, value: float) -> dict[str, float]:
     return {SCALE_ARG.get(family, "guidance_scale"): value - (family == "zimage")}
 
 
+def _apg_flow(x: torch.Tensor, c: torch.Tensor, u: torch.Tensor, t: float, w: float) -> torch.Tensor:
+    """APG without momentum or clamp (Sadat et al.'s normalized_guidance) on flow velocities at time ``t``, in x0
+    space (``x0 = x - t v``), returned as a velocity; norms and projections per sample over all elements."""
+    c0, u0 = x - t * c, x - t * u
+    diff = c0 - u0
+    shape = (-1, *[1] * (c0.ndim - 1))
+    v1 = c0 / c0.flatten(1).norm(dim=1).view(shape)
+    parallel = (diff * v1).flatten(1).sum(1).view(shape) * v1
+    return (x - (c0 + (w - 1) * (diff - parallel))) / t
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cfg_equals_native_and_none_restores(family: str) -> None:
     pipe = pipeline(family)
@@ -53,7 +64,7 @@ def test_empty_interval_computes_no_unconditional_rows(family: str) -> None:
     assert (out - conditional_only).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["qwenimage", "chroma", "hidream", "zimage", "cogview4", "hunyuanvideo"])
+@pytest.mark.parametrize("family", ["wan", "qwenimage", "chroma", "hidream", "zimage", "cogview4", "hunyuanvideo"])
 def test_partial_guidance_evaluates_only_guided_rows(family: str) -> None:
     """Sample 0 guided, sample 1 not: the unconditional call gets sample 0's row only (with its per-sample
     arguments, Qwen-Image's img_shapes and masks, cut to it; HiDream's one batched call gets three rows, its
@@ -89,11 +100,7 @@ def test_lumina2_guides_the_velocity_its_transformer_negates() -> None:
             calls.append(raw)
             return (raw,)
         c, u, x, t = -calls.pop().double(), -raw.double(), hidden_states.double(), 1 - float(timestep[0])
-        c0, u0 = x - t * c, x - t * u
-        diff = c0 - u0
-        v1 = c0 / c0.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-        parallel = (diff * v1).flatten(1).sum(1).view(-1, 1, 1, 1) * v1
-        d = (x - (c0 + (w - 1) * (diff - parallel))) / t
+        d = _apg_flow(x, c, u, t, w)
         return (((-d - w * -c) / (1 - w)).float(),)
 
     apg = guidekit.APG(w, norm_threshold=0.0, momentum=0.0)
@@ -106,12 +113,9 @@ def test_lumina2_guides_the_velocity_its_transformer_negates() -> None:
 
 def test_lumina2_cfg_truncation_is_refused_by_name() -> None:
     pipe = pipeline("lumina2")
-    pipe.set_guidance(CFG(4.0))
-    try:
-        with pytest.raises(ValueError, match=r"^cfg_trunc_ratio=0.5 is not accepted while guidance .* expected 1.0"):
-            final_latents(pipe, "lumina2", steps=2, guidance_scale=4.0, cfg_trunc_ratio=0.5)
-    finally:
-        pipe.set_guidance(None)
+    with guidekit.guided(pipe, CFG(4.0)), \
+            pytest.raises(ValueError, match=r"^cfg_trunc_ratio=0.5 is not accepted while guidance .* expected 1.0"):
+        final_latents(pipe, "lumina2", steps=2, guidance_scale=4.0, cfg_trunc_ratio=0.5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,12 +148,7 @@ def test_hidream_guides_the_velocity_its_transformer_negates() -> None:
     def forward(hidden_states, timesteps, **kwargs):  # type: ignore[no-untyped-def]
         raw = plain(hidden_states=hidden_states, timesteps=timesteps, **kwargs)[0].double()
         u, c = (-raw).chunk(2)
-        x, t = hidden_states.chunk(2)[0].double(), float(timesteps[0]) / 1000
-        c0, u0 = x - t * c, x - t * u
-        diff = c0 - u0
-        v1 = c0 / c0.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-        parallel = (diff * v1).flatten(1).sum(1).view(-1, 1, 1, 1) * v1
-        d = (x - (c0 + (w - 1) * (diff - parallel))) / t
+        d = _apg_flow(hidden_states.chunk(2)[0].double(), c, u, float(timesteps[0]) / 1000, w)
         return (-torch.cat([d, d]).float(),)
 
     with forward_replaced(pipe.transformer, forward):
@@ -172,12 +171,7 @@ def test_zimage_guides_the_velocity_its_transformer_negates() -> None:
     def forward(x, t, cap_feats, **kwargs):  # type: ignore[no-untyped-def]
         raw = torch.stack(plain(x, t, cap_feats, **kwargs)[0]).double()
         c, u = (-raw).chunk(2)
-        latent, time = torch.stack(x).chunk(2)[0].double(), 1 - float(t[0])
-        c0, u0 = latent - time * c, latent - time * u
-        diff = c0 - u0
-        v1 = c0 / c0.flatten(1).norm(dim=1).view(-1, *[1] * (c0.ndim - 1))
-        parallel = (diff * v1).flatten(1).sum(1).view(-1, *[1] * (c0.ndim - 1)) * v1
-        d = (latent - (c0 + (w - 1) * (diff - parallel))) / time
+        d = _apg_flow(torch.stack(x).chunk(2)[0].double(), c, u, 1 - float(t[0]), w)
         return (list((-torch.cat([d, d])).float().unbind(0)),)
 
     with forward_replaced(pipe.transformer, forward):
@@ -194,9 +188,6 @@ def test_missing_negative_prompt_names_the_argument(family: str) -> None:
     """Qwen-Image and Kontext make their unconditional call only with a negative prompt: a guidance that needs it
     is refused, naming the argument, before anything runs."""
     pipe = pipeline(family)
-    pipe.set_guidance(CFG(4.0))
-    try:
-        with pytest.raises(ValueError, match=r"^negative_prompt=None is not accepted .*true_cfg_scale > 1"):
-            final_latents(pipe, family, steps=2, true_cfg_scale=4.0, negative_prompt=None)
-    finally:
-        pipe.set_guidance(None)
+    with guidekit.guided(pipe, CFG(4.0)), \
+            pytest.raises(ValueError, match=r"^negative_prompt=None is not accepted .*true_cfg_scale > 1"):
+        final_latents(pipe, family, steps=2, true_cfg_scale=4.0, negative_prompt=None)

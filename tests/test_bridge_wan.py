@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pipelines import FirstSampleOnly, count_rows, final_latents, guided_latents, pipeline
+from pipelines import count_rows, final_latents, guided_latents, pipeline
 
 import guidekit
 from guidekit import CFG, AdaptiveGuidance, ByExpert, Interval
@@ -71,23 +71,10 @@ def test_empty_interval_computes_no_unconditional_rows() -> None:
     assert (out - conditional_only).abs().max().item() <= 1e-5
 
 
-def test_partial_guidance_evaluates_only_guided_rows() -> None:
-    pipe = pipeline("wan")
-    cfg = final_latents(pipe, "wan", steps=STEPS, guidance_scale=5.0, batch_size=2)
-    conditional_only = final_latents(pipe, "wan", steps=STEPS, guidance_scale=1.0, batch_size=2)
-    out, stats = guided_latents(pipe, "wan", FirstSampleOnly(5.0), steps=STEPS, guidance_scale=5.0, batch_size=2)
-    assert stats.uncond_rows_per_sample == [STEPS, 0]
-    assert (out[0] - cfg[0]).abs().max().item() <= 1e-5
-    assert (out[1] - conditional_only[1]).abs().max().item() <= 1e-5
-
-
 def test_expert_scale_of_one_is_refused() -> None:
     pipe = pipeline("wan22")
-    pipe.set_guidance(CFG(5.0))
-    try:
-        with pytest.raises(ValueError, match=r"^guidance_scale_2=1.0 is not accepted while guidance"):
-            final_latents(pipe, "wan22", steps=2, guidance_scale=5.0, guidance_scale_2=1.0)
-    finally:
-        pipe.set_guidance(None)
+    with guidekit.guided(pipe, CFG(5.0)), \
+            pytest.raises(ValueError, match=r"^guidance_scale_2=1.0 is not accepted while guidance"):
+        final_latents(pipe, "wan22", steps=2, guidance_scale=5.0, guidance_scale_2=1.0)
     with pytest.raises(TypeError, match=r"^high=.* changes the conditional prediction"):
         ByExpert(guidekit.NAG(5.0, negative_prompt="x"), CFG(3.0))
