@@ -10,15 +10,25 @@ the methods in a new random order: what one method leaves in the caches and the 
 cost the next run about 0.6 ms on a CPU) then weighs on one call in ``CALLS``, and not always on the same method, as
 a rotation of a fixed order would. Two figures: the median time per call, and the median over rounds of the run's
 time over CFG's in the same round.
+
+A third figure does not depend on the machine: the work each call hands a GPU, counted by running the same call on
+tensors of the ``meta`` device (shapes only, no data) under a dispatch mode. ``kernels`` are the operators that
+would launch one (views and allocations aside); ``host syncs`` are the points where the host waits for the device:
+a value read back (``.item()``, ``bool()``, a copy to the CPU), a boolean index (its size depends on the data), or a
+CPU tensor (a mask, row positions) copied to the device. On a GPU at batch 1 the host runs ahead of the device, so
+kernels cost little while each sync exposes the whole launch latency.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from _common import interleaved, machine, median
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import guidekit
 from guidekit.guidance import apply_guidance
@@ -63,6 +73,68 @@ def combination(guidance: Guidance, ctx: GuidanceContext, cond: torch.Tensor, g:
     return run
 
 
+def _devices(args: Any) -> set[str]:
+    found: set[str] = set()
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            found.add(a.device.type)
+        elif isinstance(a, (list, tuple)):
+            found |= _devices(a)
+    return found
+
+
+class DeviceWork(TorchDispatchMode):
+    """Counts the kernels and host syncs of what runs on ``meta`` tensors (module docstring); a value read back from
+    the device is taken as ``True`` / ``0.5`` / all-ones, so the code runs on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels = 0
+        self.syncs: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        devices = _devices(args) | _devices(kwargs.values())
+        target = kwargs.get("device")
+        if name == "_to_copy" and target is not None and torch.device(target).type != args[0].device.type:
+            if args[0].device.type == "meta":
+                self.syncs["copy to the host"] += 1
+                return torch.ones(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
+            if torch.device(target).type == "meta":
+                self.syncs["copy to the device"] += 1
+        elif "meta" in devices:
+            if name == "_local_scalar_dense":
+                self.syncs["value read"] += 1
+                return True if args[0].dtype == torch.bool else 0.5
+            if name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+                self.syncs["boolean index"] += 1
+                self.kernels += 1
+                return torch.empty_like(args[0])
+            if "cpu" in devices and any(isinstance(a, torch.Tensor) and a.dim() > 0 and a.device.type == "cpu"
+                                        for a in (*args, *(args[1] if name.startswith("index") else ()))):
+                self.syncs["CPU tensor argument"] += 1
+            if not func.is_view and name not in ("empty", "detach", "lift_fresh", "empty_strided"):
+                self.kernels += 1
+        return func(*args, **kwargs)
+
+
+def device_work(guidance: Guidance, batch: int, shape: tuple[int, ...]) -> tuple[int, int]:
+    """Kernels and host syncs of one call of ``guidance``'s combination (after one call made its state)."""
+    meta = torch.device("meta")
+    x, cond = torch.empty(batch, *shape, device=meta), torch.empty(batch, *shape, device=meta)
+    ctx = GuidanceContext(x=x, level=NoiseLevel.from_sigma(2.0), model_space="eps", step=3, num_steps=30,
+                          step_sigma=2.0, tau=0.5, corrector=False, rows=torch.arange(batch), batch_size=batch)
+    state = guidance.init_state(batch)
+    masks = guidance.needs(ctx, state)
+    extra = {p: torch.empty(int(m.sum()), *shape, device=meta) for p, m in masks.items()}
+    with DeviceWork():
+        apply_guidance(guidance, cond, extra, masks, ctx, state)  # a first call makes buffers (APG's momentum)
+    with DeviceWork() as work:
+        apply_guidance(guidance, cond, extra, masks, ctx, state)
+    return work.kernels, sum(work.syncs.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -84,11 +156,12 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"batch {args.batch}, latents {tuple(args.shape)}, {args.dtype}, {args.device}, {args.repeats} rounds of "
           f"{CALLS} calls, eps model at sigma 2\n")
-    print("| method | median time per call (us) | ratio to CFG (median of paired ratios) |")
-    print("|---|---:|---:|")
-    for name, ts in times.items():
+    print("| method | median time per call (us) | ratio to CFG (median of paired ratios) | kernels | host syncs |")
+    print("|---|---:|---:|---:|---:|")
+    for (name, ts), method in zip(times.items(), methods().values(), strict=True):
         ratio = median([t / c for t, c in zip(ts, times["CFG"], strict=True)])
-        print(f"| {name} | {median(ts) / CALLS * 1e6:.0f} | {ratio:.2f} |")
+        kernels, syncs = device_work(method, args.batch, tuple(args.shape))
+        print(f"| {name} | {median(ts) / CALLS * 1e6:.0f} | {ratio:.2f} | {kernels} | {syncs} |")
 
 
 if __name__ == "__main__":

@@ -67,8 +67,13 @@ class APG(WeightedGuidance):
         if self.momentum != 0.0:
             if state.buffer is None or state.buffer.shape[1:] != diff.shape[1:]:
                 state.buffer = diff.new_zeros((ctx.batch_size, *diff.shape[1:]))
-            diff = diff + self.momentum * state.buffer[ctx.rows]
-            state.buffer[ctx.rows] = diff
+            if ctx.whole_batch:  # no index: on a GPU, a CPU index costs a copy and a synchronisation
+                diff = diff + self.momentum * state.buffer
+                state.buffer = diff
+            else:
+                rows = ctx.rows.to(diff.device)
+                diff = diff + self.momentum * state.buffer[rows]
+                state.buffer[rows] = diff
         if self.norm_threshold > 0:
             diff = diff * torch.clamp(self.norm_threshold / per_sample_norm(diff), max=1.0)
         c64, d64 = cond.double(), diff.double()

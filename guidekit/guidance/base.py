@@ -209,6 +209,11 @@ class GuidanceContext:
         """EDM sigma of this call."""
         return self.level.sigma
 
+    @property
+    def whole_batch(self) -> bool:
+        """Whether ``rows`` are every sample of the pipeline batch (then in order: ``rows`` ascend)."""
+        return self.rows.shape[0] == self.batch_size
+
     def subset(self, rows: torch.Tensor) -> GuidanceContext:
         """The context restricted to ``rows`` (CPU positions into this context's rows)."""
         return replace(self, x=self.x[rows.to(self.x.device)], rows=self.rows[rows])
@@ -472,6 +477,14 @@ def apply_guidance(guidance: Guidance, cond: torch.Tensor, extra: Predictions, m
     return out
 
 
+def _select(pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The rows of ``pred`` whose (CPU) ``mask`` is set: ``pred`` itself where every row is, with no host-to-device
+    copy of the mask nor the synchronisation a boolean index costs on a GPU."""
+    if bool(mask.all()):
+        return pred
+    return pred[mask.nonzero().flatten().to(pred.device)]
+
+
 class GuidanceWrapper(TwoPassGuidance):
     """A guidance that modifies another guidance (``inner``): everything it does not override is delegated, the
     per-call state included.
@@ -592,7 +605,7 @@ class GuidanceSum(Guidance):
         for term, term_state, masks in zip(self.terms, state.terms, state.masks, strict=True):
             # A pass absent from preds was computed for none of these samples (a wrapper may have removed it).
             own = {p: m[rows] if p in preds else torch.zeros(len(rows), dtype=torch.bool) for p, m in masks.items()}
-            extra = {p: preds[p][m.to(cond.device)] for p, m in own.items() if bool(m.any())}
+            extra = {p: _select(preds[p], m) for p, m in own.items() if bool(m.any())}
             g = apply_guidance(term, cond, extra, own, ctx, term_state)
             out = g if out is None else out + (g - cond)
         return out  # type: ignore[return-value]
