@@ -483,13 +483,17 @@ def main() -> None:
             if (batch, label) not in compiled or clock.elapsed() > args.budget_s + 60:
                 continue
             pipe.set_guidance(guidance)
+            sync(args.device)
+            start = time.perf_counter()
             eager = pipe(**conditioning, height=side, width=side, num_inference_steps=args.steps,
                          guidance_scale=args.scale, output_type="latent",
                          generator=torch.Generator(args.device).manual_seed(0)).images
+            sync(args.device)
+            wall = time.perf_counter() - start
             pipe.set_guidance(None)
             ref = compiled[(batch, label)]
             check = {"batch": batch, "method": label, "max_abs_diff": float((eager.float() - ref.float()).abs().max()),
-                     "eager_max_abs": float(eager.float().abs().max())}
+                     "eager_max_abs": float(eager.float().abs().max()), "eager_wall_s": round(wall, 3)}
             result["eager_check"].append(check)
             clock.log(f"eager check B={batch} {label}: max |compiled - eager| {check['max_abs_diff']:.3g} "
                       f"(latents up to {check['eager_max_abs']:.3g})")

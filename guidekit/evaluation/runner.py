@@ -242,23 +242,27 @@ def run_eval(config: EvalConfig, *, progress: bool = True) -> dict[str, Any] | N
     mine = [s for s in shards if s.index % state.num_processes == state.process_index
             and accept_shard(shard_path(run_dir, s.index), s, expected_hash, config) is None]
     start = time.perf_counter()
+    shard_seconds = 0.0
     if mine:
-        _make_shards(config, run_dir, mine, state.device, progress and state.is_local_main_process, tqdm,
-                     expected_hash)
+        shard_seconds = _make_shards(config, run_dir, mine, state.device, progress and state.is_local_main_process,
+                                     tqdm, expected_hash)
     sampling_seconds = time.perf_counter() - start
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
     result = aggregate(config, run_dir, shards, expected_hash)
     result["run"] = {"num_processes": state.num_processes, "device": str(state.device),
-                     "seconds_this_invocation": round(sampling_seconds, 3), "shards_made_here": len(mine),
+                     "seconds_this_invocation": round(sampling_seconds, 3),
+                     "seconds_making_shards": round(shard_seconds, 3), "shards_made_here": len(mine),
                      "versions": _versions(), "platform": platform.platform()}
     write_text_atomic(run_dir / RESULT, json.dumps(result, indent=1, sort_keys=True))
     return result
 
 
 def _make_shards(config: EvalConfig, run_dir: Path, shards: list[Shard], device: torch.device, progress: bool,
-                 tqdm: Any, expected_hash: str) -> None:
+                 tqdm: Any, expected_hash: str) -> float:
+    """Make and write ``shards``; return the seconds from the first image to the last shard written (loading the
+    pipeline and the feature networks aside)."""
     from guidekit.evaluation.features import load_feature_network
     from guidekit.evaluation.image_metrics import saturation
 
@@ -266,6 +270,7 @@ def _make_shards(config: EvalConfig, run_dir: Path, shards: list[Shard], device:
     networks = {key: load_feature_network(_network_spec(key, spec), device) for key, spec in config.networks().items()}
     keep_saturation = config.sample_settings()["saturation"]
     bar = tqdm(total=sum(len(s.seeds) for s in shards), disable=not progress, desc="images", unit="img")
+    start = time.perf_counter()
     for shard in shards:
         arrays: dict[str, list[np.ndarray]] = {}
         images_kept = []
@@ -295,6 +300,9 @@ def _make_shards(config: EvalConfig, run_dir: Path, shards: list[Shard], device:
             _save_images(config, run_dir, shard, np.concatenate(images_kept))
         write_npz_atomic(shard_path(run_dir, shard.index), **record)
     bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def _network_spec(key: str, spec: str) -> str:
