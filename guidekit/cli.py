@@ -159,6 +159,23 @@ def _add_eval_parsers(sub: Any, scheduler_help: str) -> None:
                         "and plots")
     sw.add_argument("--config", type=_existing_file, required=True, help="sweep JSON file (see docs/evaluation.md)")
     sw.add_argument("--no-progress", action="store_true")
+    lab = sub.add_parser("lab", help="a paper's claim measured on the exact Gaussian-mixture testbed (three seed "
+                         "ranges, table and plots; see docs/science.md)")
+    lab.add_argument("--preset", required=True, help="interval, schedules, adaptive, pcg, precision_recall, or all")
+    lab.add_argument("--output-dir", type=Path, required=True, help="one sub-directory per preset")
+    lab.add_argument("--tiny", action="store_true", help="200 samples, 2 weights, 8 steps (seconds)")
+
+
+def lab(args: argparse.Namespace) -> dict[str, str]:
+    """``guidekit lab``: run one preset or all; return where each preset's table went."""
+    from guidekit.evaluation.lab import PRESETS, run_lab
+
+    names = list(PRESETS) if args.preset == "all" else [args.preset]
+    if args.preset != "all" and args.preset not in PRESETS:
+        raise ValueError(f"preset={args.preset!r} is not accepted; expected all or one of {', '.join(PRESETS)}")
+    for name in names:
+        run_lab(name, args.output_dir / name, tiny=args.tiny)
+    return {name: str(args.output_dir / name / "results.md") for name in names}
 
 
 def _add_reference_parser(sub: Any) -> None:
@@ -369,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
             from guidekit.evaluation.sweep import run_sweep
 
             summary = run_sweep(args.config, progress=not args.no_progress)
+        elif args.command == "lab":
+            summary = lab(args)
         elif args.command == "eval":
             result = evaluate(args)
             summary = None if result is None else result["metrics"]
