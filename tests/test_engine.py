@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import shutil
 import subprocess
 import sys
 import threading
@@ -254,3 +255,36 @@ def test_img2img_steps_are_numbered_in_the_whole_plan(scheduler: str) -> None:
         pipe(prompt=tiny_call_kwargs("sd")["prompt"], image=torch.rand(1, 3, 16, 16), strength=0.5,
              num_inference_steps=4, guidance_scale=5.0, output_type="latent")
     assert g.seen == ([2, 2, 3] if scheduler in ("heun", "pcg") else [2, 3]), g.seen
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor on the CPU needs a C++ compiler")
+def test_inductor_compiles_once_for_one_row_and_two() -> None:
+    """Inductor guards its graph on the batch (a convolution layout choice, ``2 <= B <= 15`` on this CPU): a forward
+    of one row would compile a second graph. The proxy hands it that row twice, so CFG (2 rows) and Interval (1 row
+    outside its interval) share one graph, and the results match the uncompiled UNet."""
+    torch._dynamo.reset()
+    pipe = build_tiny_pipeline("sd")
+    methods = [guidekit.CFG(5.0), guidekit.Interval(guidekit.CFG(5.0), sigma_lo=0.5, sigma_hi=3.0)]
+    eager = []
+    for g in methods:
+        with guidekit.guided(pipe, g):
+            eager.append(final_latents(pipe, "sd", batch_size=1, guidance_scale=5.0, steps=3))
+    compiled = torch.compile(pipe.unet)
+    pipe.unet = compiled
+    counters.clear()
+    try:
+        rows = set()
+        for g, reference in zip(methods, eager, strict=True):
+            with guidekit.guided(pipe, g) as run:
+                out = final_latents(pipe, "sd", batch_size=1, guidance_scale=5.0, steps=3)
+            torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+            rows.add(run.stats.computed["uncond"])
+        assert rows == {3, 2}  # Interval ran one of its three steps on the conditional row alone
+        assert counters["stats"]["unique_graphs"] == 1
+        # The baseline this beats: the same compiled UNet called directly with one row compiles a second graph.
+        width = compiled._orig_mod.config.cross_attention_dim
+        compiled(torch.randn(1, 4, 8, 8), 500, encoder_hidden_states=torch.randn(1, 77, width))
+        assert counters["stats"]["unique_graphs"] == 2
+    finally:
+        pipe.unet = compiled._orig_mod
+        torch._dynamo.reset()

@@ -9,8 +9,9 @@ whatever its ``guidance_scale``.
 
 When the denoiser is compiled, every forward is handed to it with the batch dimension of its tensors marked
 dynamic and compiled size-obliviously (see :func:`mark_batch_dynamic`), so one graph serves every number of rows
-and a change of the number does not recompile (inductor still specialises once on a single row; see
-docs/benchmarks.md).
+and a change of the number does not recompile. Inductor still specialises on a batch of one row (its convolution
+layouts and reshapes guard on it), so a forward of one row runs that row twice and keeps the first output: the graph
+of two or more rows serves it (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -114,6 +115,17 @@ def mark_batch_dynamic(value: Any, n: int) -> None:
     elif isinstance(value, (list, tuple)):
         for v in value:
             mark_batch_dynamic(v, n)
+
+
+def _twice(value: Any) -> Any:
+    """Every tensor in ``value`` with a batch of one row, with that row repeated: a batch of two."""
+    if isinstance(value, torch.Tensor):
+        return torch.cat([value, value]) if value.ndim and value.shape[0] == 1 else value
+    if isinstance(value, dict):
+        return {k: _twice(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_twice(v) for v in value)
+    return value
 
 
 def _take(value: Any, index: slice | torch.Tensor, n: int) -> Any:
@@ -526,9 +538,14 @@ class GuidedDenoiser:
         if not self.compiled:
             return forward(*args, **kwargs)
         sample, _ = _sample_and_timestep(args, kwargs)
-        mark_batch_dynamic((args, kwargs), sample.shape[0])
+        raw = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        single = sample.shape[0] == 1 and isinstance(raw, torch.Tensor)  # not rows given as a list (Z-Image)
+        if single:  # inductor specialises its graphs on a batch of 1: hand it the row twice, keep the first output
+            args, kwargs = _twice((args, kwargs))
+        mark_batch_dynamic((args, kwargs), sample.shape[0] * (1 + single))
         with _size_oblivious():
-            return forward(*args, **kwargs)
+            result = forward(*args, **kwargs)
+        return _with_output(result, _output_tensor(result)[:1]) if single else result
 
     def _count(self, masks: PassMasks) -> None:
         """Rows computed and skipped per pass. Skipped: unconditional rows when the pipeline batches them, and
