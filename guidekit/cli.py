@@ -161,9 +161,12 @@ def _add_eval_parsers(sub: Any, scheduler_help: str) -> None:
     sw.add_argument("--no-progress", action="store_true")
     lab = sub.add_parser("lab", help="a paper's claim measured on the exact Gaussian-mixture testbed (three seed "
                          "ranges, table and plots; see docs/science.md)")
-    lab.add_argument("--preset", required=True, help="interval, schedules, adaptive, pcg, precision_recall, or all")
-    lab.add_argument("--output-dir", type=Path, required=True, help="one sub-directory per preset")
-    lab.add_argument("--tiny", action="store_true", help="200 samples, 2 weights, 8 steps (seconds)")
+    lab.add_argument("--preset", required=True,
+                     help="interval, schedules, adaptive, pcg, precision_recall, apg, or all")
+    lab.add_argument("--output-dir", type=Path, required=True,
+                     help="one sub-directory per preset; the embedded model's runs in cells/, shared and resumed")
+    lab.add_argument("--tiny", action="store_true", help="few samples, 2 weights, few steps (seconds)")
+    lab.add_argument("--testbed-only", action="store_true", help="leave out the embedded model's grids")
 
 
 def lab(args: argparse.Namespace) -> dict[str, str]:
@@ -174,7 +177,7 @@ def lab(args: argparse.Namespace) -> dict[str, str]:
     if args.preset != "all" and args.preset not in PRESETS:
         raise ValueError(f"preset={args.preset!r} is not accepted; expected all or one of {', '.join(PRESETS)}")
     for name in names:
-        run_lab(name, args.output_dir / name, tiny=args.tiny)
+        run_lab(name, args.output_dir, tiny=args.tiny, model=not args.testbed_only)
     return {name: str(args.output_dir / name / "results.md") for name in names}
 
 

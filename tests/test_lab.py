@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from guidekit.cli import main
-from guidekit.evaluation.lab import METRICS, PRESETS
+from guidekit.evaluation.lab import METRICS, MODEL_METRICS, PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +20,8 @@ def lab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _rows(lab_dir: Path, preset: str) -> list[dict[str, str]]:
-    with open(lab_dir / preset / "results.csv") as f:
+def _rows(lab_dir: Path, preset: str, file: str = "results.csv") -> list[dict[str, str]]:
+    with open(lab_dir / preset / file) as f:
         return list(csv.DictReader(f))
 
 
@@ -41,6 +41,38 @@ def test_every_preset_writes_its_outputs_with_finite_metrics(lab_dir: Path, pres
     assert len(rows) == len(PRESETS[preset].methods) * 2 * 3  # methods x 2 weights x 3 seed ranges (tiny)
     assert all(math.isfinite(float(r[m])) for r in rows for m in METRICS)
     assert "±" in (folder / "results.md").read_text()
+    grid = PRESETS[preset].model
+    if grid is None:
+        assert not (folder / "model_results.csv").exists()
+        return
+    for name in ("model_results.md", "model_metric_vs_weight.png", "model_precision_recall.png",
+                 "model_metric_vs_nfe.png"):
+        assert (folder / name).stat().st_size > 0, name
+    model_rows = _rows(lab_dir, preset, "model_results.csv")
+    assert len(model_rows) == len(grid.methods) * min(2, len(grid.weights)) * 3
+    assert all(math.isfinite(float(r[m])) for r in model_rows for m in MODEL_METRICS)
+    assert "Floor (training digits against the held-out ones): FD" in (folder / "model_results.md").read_text()
+
+
+def test_the_model_runs_are_shared_by_the_presets(lab_dir: Path) -> None:
+    # CFG at w = 1 and 1.5 appears in several presets (under other names): one eval run each, per seed range.
+    presets = ("interval", "schedules", "precision_recall", "apg")
+    runs = [r["run"] for preset in presets for r in _rows(lab_dir, preset, "model_results.csv")
+            if r["guidance"] == "cfg(scale=1.0)" and r["seed"] == "100000"]
+    assert len(runs) == 4 and len(set(runs)) == 1, runs
+    # A guided run evaluates twice the rows of the unguided one; its digit FD differs from the unguided run's.
+    rows = _rows(lab_dir, "precision_recall", "model_results.csv")
+    one = next(r for r in rows if r["method"] == "CFG" and r["weight"] == "1.0" and r["seed"] == "0")
+    guided = next(r for r in rows if r["method"] == "CFG" and r["weight"] == "1.5" and r["seed"] == "0")
+    assert float(guided["nfe"]) == 2 * float(one["nfe"])
+    assert float(guided["fd"]) != float(one["fd"])
+
+
+def test_digit_fd_is_checked_against_inception(lab_dir: Path) -> None:
+    text = (lab_dir / "precision_recall" / "fd_inception.md").read_text()
+    rho = float(text.split("Spearman's rank correlation: ")[1].split()[0])
+    assert -1.0 <= rho <= 1.0
+    assert text.count("\n| CFG |") == 2 and text.count("\n| APG |") == 2  # the first seed range's four points
 
 
 def test_unguided_runs_reduce_to_the_data_distribution(lab_dir: Path) -> None:
