@@ -25,8 +25,8 @@ Sections, in this order (each skipped, and said so in the report, once ``--budge
    CFG + PAG (PAG outside its window). Row ratio and wall ratio side by side.
 4. **Evaluation throughput**: ``run_eval`` (the harness of ``guidekit eval``: shards, FID Inception features, the
    metric) on a DiT-XL/2-256-architecture pipeline (random weights, class-conditional, 50 DDIM steps, CFG 4), against
-   sampling alone (the same ``ImageSource``, pipeline and seeds); and features per second of the Inception network
-   alone at several batch sizes.
+   sampling alone (the same ``ImageSource``, pipeline and seeds), in pipeline calls of 16 images (guidekit's
+   ``MAX_BATCH``); and features per second of the Inception network alone at several batch sizes.
 5. **Compile**: ``compile_gpu.py`` in a subprocess (a fresh dynamo): compile seconds and graphs per call of CFG,
    Interval and AdaptiveGuidance under one ``torch.compile`` of the UNet, warm compiled wall time against eager.
 
@@ -75,7 +75,7 @@ class Sizes:
 
 
 GPU = Sizes(device="cuda", dtype=torch.float16, tiny=False, steps=8, rounds=2, batches=(1, 2, 4, 8),
-            combine_repeats=50, eval_images=128, eval_batch=32, eval_steps=50, inception_batches=(50, 100, 200, 500),
+            combine_repeats=50, eval_images=128, eval_batch=16, eval_steps=50, inception_batches=(50, 100, 200, 500),
             compile_args=("--steps", "8"))
 DRY = Sizes(device="cpu", dtype=torch.float32, tiny=True, steps=2, rounds=1, batches=(1, 2), combine_repeats=2,
             eval_images=4, eval_batch=2, eval_steps=2, inception_batches=(2,),
