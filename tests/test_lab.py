@@ -52,6 +52,7 @@ def test_every_preset_writes_its_outputs_with_finite_metrics(lab_dir: Path, pres
     assert len(model_rows) == len(grid.methods) * min(2, len(grid.weights)) * 3
     assert all(math.isfinite(float(r[m])) for r in model_rows for m in MODEL_METRICS)
     assert "Floor (training digits against the held-out ones): FD" in (folder / "model_results.md").read_text()
+    assert (folder / "fd_inception.md").exists() == PRESETS[preset].inception
 
 
 def test_the_model_runs_are_shared_by_the_presets(lab_dir: Path) -> None:

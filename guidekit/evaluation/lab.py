@@ -24,9 +24,10 @@ On the embedded model each cell of the grid is a ``guidekit eval`` run (resumabl
 classes in turn, scored with the digits network (``feature_network="digits"``) against the model's 360 held-out
 digits: ``fd`` (Frechet distance of the digit features), ``precision``, ``recall``, ``saturation`` and ``nfe``. The
 runs live in ``<root>/cells`` and are shared by the presets (CFG at a weight is one run for all of them). Outputs:
-``model_results.csv``, ``model_results.md`` and the plots ``model_fd_vs_weight.png``, ``model_precision_recall.png``,
-``model_fd_vs_nfe.png``; the ``precision_recall`` preset adds ``fd_inception.md``: Inception FID of the first seed
-range's images beside their digit FD, and the Spearman correlation of the two over the grid's points. Every table
+``model_results.csv``, ``model_results.md`` and the plots ``model_metric_vs_weight.png``,
+``model_precision_recall.png``, ``model_metric_vs_nfe.png``. The ``interval`` and ``precision_recall`` presets add
+``fd_inception.md``: Inception FID of the first seed range's images beside their digit FD, and the Spearman
+correlation of the two over the grid's points. Every table
 reports the floor: the digit FD of the training digits (one colouring) against the held-out ones.
 """
 
@@ -86,6 +87,7 @@ class Preset:
     low: float = -6.0
     high: float = 6.0
     model: ModelGrid | None = None
+    inception: bool = False
 
 
 PRESETS: dict[str, Preset] = {
@@ -97,7 +99,7 @@ PRESETS: dict[str, Preset] = {
         (1.0, 2.0, 3.0, 4.0), (32,),
         model=ModelGrid({"CFG": "cfg(scale={w})",
                          "Interval(CFG)": "interval(cfg(scale={w}), sigma_lo=0.28, sigma_hi=5.42)"},
-                        (1.0, 2.0, 3.0, 4.0))),
+                        (1.0, 2.0, 3.0, 4.0)), inception=True),
     "schedules": Preset(
         "Wang et al. 2024: increasing weight schedules (linear, cosine) beat a constant weight at the same mean "
         "weight", _three_modes_2d,
@@ -126,7 +128,8 @@ PRESETS: dict[str, Preset] = {
         "Kynkaanniemi et al. 2019, Nichol & Dhariwal 2021: guidance trades recall for precision", _three_modes_2d,
         {"CFG": ("cfg(scale={w})", None), "APG": ("apg(scale={w}, momentum=0, norm_threshold=0)", None)},
         (1.0, 1.5, 2.0, 3.0, 5.0), (32,),
-        model=ModelGrid({"CFG": "cfg(scale={w})", "APG": "apg(scale={w})"}, (1.0, 1.5, 2.0, 3.0, 5.0))),
+        model=ModelGrid({"CFG": "cfg(scale={w})", "APG": "apg(scale={w})"}, (1.0, 1.5, 2.0, 3.0, 5.0)),
+        inception=True),
     "apg": Preset(
         "Sadat et al. 2024: APG allows high guidance scales without oversaturation, at equal or better FID",
         _three_modes_2d,
@@ -299,10 +302,10 @@ def run_model_grid(grid: ModelGrid, root: Path, out: Path, *, tiny: bool, seeds:
     return rows
 
 
-def inception_check(rows: list[dict[str, Any]], out: Path, images: int, reference_images: int | None = None
-                    ) -> float:
-    """Inception FID of the first ``images`` kept images of each point (the runs that kept them) against the
-    held-out digits (the first ``reference_images``; ``None``: all 360), beside their digit FD; write
+def inception_check(rows: list[dict[str, Any]], out: Path, images: int | None = None,
+                    reference_images: int | None = None) -> float:
+    """Inception FID of the first ``images`` (``None``: all) kept images of each point (the runs that kept them)
+    against the held-out digits (the first ``reference_images``; ``None``: all 360), beside their digit FD; write
     ``fd_inception.md`` and return Spearman's rank correlation."""
     from guidekit.evaluation.features import InceptionFeatures
     from guidekit.evaluation.frechet import frechet_distance
@@ -320,8 +323,8 @@ def inception_check(rows: list[dict[str, Any]], out: Path, images: int, referenc
     digit_fd = [float(r["fd"]) for r, _ in points]
     inception = [fid for _, fid in points]
     rho = _spearman(digit_fd, inception)
-    lines = [f"# Digit FD against Inception FID ({len(points)} points, the first seed range, {images} images "
-             "each for Inception)", "", f"Spearman's rank correlation: {rho:.3f}", "",
+    lines = [f"# Digit FD against Inception FID ({len(points)} points, the first seed range, "
+             f"{images or 'all its'} images each for Inception)", "", f"Spearman's rank correlation: {rho:.3f}", "",
              "| method | w | steps | digit FD | Inception FID |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['method']} | {r['weight']:g} | {r['steps']} | {float(r['fd']):.2f} | {fid:.2f} |"
               for r, fid in points]
@@ -355,11 +358,11 @@ def run_lab(name: str, root: str | Path, *, tiny: bool = False, seeds: tuple[int
     out.mkdir(parents=True, exist_ok=True)
     result = {"testbed": run_testbed_grid(preset, out, tiny=tiny, seeds=seeds, title=name)}
     if model and preset.model is not None:
-        check = name == "precision_recall"
+        check = preset.inception
         result["model"] = run_model_grid(preset.model, root, out, tiny=tiny, seeds=seeds, title=name,
                                          keep_images=check)
         if check:
-            inception_check(result["model"], out, images=4 if tiny else 100, reference_images=8 if tiny else None)
+            inception_check(result["model"], out, images=4 if tiny else None, reference_images=8 if tiny else None)
     return result
 
 
