@@ -139,6 +139,8 @@ VARIANTS: dict[str, tuple[str, Any]] = {
     "QwenImageInpaintPipeline": ("qwenimage", lambda s: {"image": _picture(s, 1), "mask_image": _picture(s, 2),
                                                          "strength": 0.8}),
     "WanVideoToVideoPipeline": ("wan", lambda s: {"video": [_picture(s, i) for i in range(9)], "strength": 0.8}),
+    "CogVideoXVideoToVideoPipeline": ("cogvideox", lambda s: {"video": [_picture(s, i) for i in range(9)],
+                                                              "strength": 0.8}),
     "LTXImageToVideoPipeline": ("ltx", lambda s: {"image": _picture(s, 1)}),
 }
 

@@ -1,6 +1,6 @@
 """The image- and video-conditioned variants of the 2026 families (img2img, inpaint, video-to-video,
-image-to-video), on the tiny families' components: native CFG equals set_guidance(CFG(w)) bitwise, and an empty
-interval computes no unconditional rows."""
+image-to-video), on the tiny families' components: native CFG equals set_guidance(CFG(w)) bitwise, detaching
+restores the native result bitwise, and an empty interval computes no unconditional rows."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def test_cfg_equals_native_and_empty_interval_skips(name: str) -> None:
     with guidekit.guided(pipe, Interval(CFG(4.0), 1e4, 2e4)) as empty:
         skipped = _latents(pipe, name, 4.0)
     assert torch.equal(guided, native) and run.stats.computed["uncond"] == run.stats.computed["cond"] > 0
+    assert torch.equal(_latents(pipe, name, 4.0), native)
     conditional_only = _latents(pipe, name, 1.0)
     assert empty.stats.uncond_rows == 0 and (skipped - conditional_only).abs().max().item() <= 1e-5
     assert (native - conditional_only).abs().max().item() > 1e-3

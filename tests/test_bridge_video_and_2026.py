@@ -1,10 +1,12 @@
 """The 2026 pipelines beside Wan: CogView4 and HunyuanVideo (two calls per step; HunyuanVideo's true CFG needs a
-negative prompt), Z-Image (one call on lists of rows ``[cond; uncond]``, guidance_scale ``w - 1``,
+negative prompt; its image-to-video pipeline runs one prompt per call, the image's latent and a mask concatenated on the
+channels), Z-Image (one call on lists of rows ``[cond; uncond]``, guidance_scale ``w - 1``,
 negated velocity), HiDream (one batched call, negated velocity, per-layer Llama states batched on
 their second dimension), Flux Kontext (Flux's two calls with the reference image's tokens appended), Chroma
 and Qwen-Image (two calls per step on packed latents; Qwen-Image rescales each
 token of the guided prediction to the conditional one's norm), LTX-Video (one batched call on packed video tokens)
-and CogVideoX (one batched call on ``(B, T, C, H, W)`` latents), against the pipelines' own results."""
+and CogVideoX (one batched call on ``(B, T, C, H, W)`` latents; image-to-video with the image's latent concatenated
+on dim 2 and the "ofs" embedding's one-element tensor beside the batch), against the pipelines' own results."""
 
 from __future__ import annotations
 
@@ -18,10 +20,13 @@ import guidekit
 from guidekit import CFG, Interval
 
 STEPS = 3
-FAMILIES = ("fluxkontext", "chroma", "qwenimage", "lumina2", "hidream", "zimage", "cogview4", "hunyuanvideo", "ltx",
-            "cogvideox")
+FAMILIES = ("fluxkontext", "chroma", "qwenimage", "lumina2", "hidream", "zimage", "cogview4", "hunyuanvideo",
+            "hunyuanvideo-i2v", "ltx", "cogvideox", "cogvideox-i2v")
 #: The argument that turns CFG on, where it is not guidance_scale.
-SCALE_ARG = {"qwenimage": "true_cfg_scale", "fluxkontext": "true_cfg_scale", "hunyuanvideo": "true_cfg_scale"}
+SCALE_ARG = {"qwenimage": "true_cfg_scale", "fluxkontext": "true_cfg_scale", "hunyuanvideo": "true_cfg_scale",
+             "hunyuanvideo-i2v": "true_cfg_scale"}
+#: Prompts per call, where not 2 (HunyuanVideo image-to-video encodes its negative prompts with one black image).
+BATCH = {"hunyuanvideo-i2v": 1}
 
 
 def _scale(family: str, value: float) -> dict[str, float]:
@@ -42,33 +47,35 @@ def _apg_flow(x: torch.Tensor, c: torch.Tensor, u: torch.Tensor, t: float, w: fl
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cfg_equals_native_and_none_restores(family: str) -> None:
-    pipe = pipeline(family)
-    native = final_latents(pipe, family, steps=STEPS, batch_size=2, **_scale(family, 5.0))
-    guided, stats = guided_latents(pipe, family, CFG(5.0), steps=STEPS, batch_size=2, **_scale(family, 5.0))
-    assert stats.uncond_rows == stats.cond_rows == 2 * STEPS
+    pipe, batch = pipeline(family), BATCH.get(family, 2)
+    native = final_latents(pipe, family, steps=STEPS, batch_size=batch, **_scale(family, 5.0))
+    guided, stats = guided_latents(pipe, family, CFG(5.0), steps=STEPS, batch_size=batch, **_scale(family, 5.0))
+    assert stats.uncond_rows == stats.cond_rows == batch * STEPS
     assert (guided - native).abs().max().item() <= 1e-5
-    assert torch.equal(final_latents(pipe, family, steps=STEPS, batch_size=2, **_scale(family, 5.0)), native)
+    assert torch.equal(final_latents(pipe, family, steps=STEPS, batch_size=batch, **_scale(family, 5.0)), native)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_empty_interval_computes_no_unconditional_rows(family: str) -> None:
-    pipe = pipeline(family)
-    conditional_only = final_latents(pipe, family, steps=STEPS, batch_size=2, **_scale(family, 1.0))
+    pipe, batch = pipeline(family), BATCH.get(family, 2)
+    conditional_only = final_latents(pipe, family, steps=STEPS, batch_size=batch, **_scale(family, 1.0))
     rows, handle = count_rows(pipe, "transformer")
     try:
-        out, stats = guided_latents(pipe, family, Interval(CFG(5.0), 1e4, 2e4), steps=STEPS, batch_size=2,
+        out, stats = guided_latents(pipe, family, Interval(CFG(5.0), 1e4, 2e4), steps=STEPS, batch_size=batch,
                                     **_scale(family, 5.0))
     finally:
         handle.remove()
-    assert rows == [2] * STEPS and stats.uncond_rows == 0
+    assert rows == [batch] * STEPS and stats.uncond_rows == 0
     assert (out - conditional_only).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["wan", "qwenimage", "chroma", "hidream", "zimage", "cogview4", "hunyuanvideo"])
+@pytest.mark.parametrize("family", ["wan", "qwenimage", "chroma", "hidream", "zimage", "cogview4", "hunyuanvideo",
+                                    "cogvideox-i2v"])
 def test_partial_guidance_evaluates_only_guided_rows(family: str) -> None:
     """Sample 0 guided, sample 1 not: the unconditional call gets sample 0's row only (with its per-sample
-    arguments, Qwen-Image's img_shapes and masks, cut to it; HiDream's one batched call gets three rows, its
-    per-layer Llama states cut along their second dimension)."""
+    arguments, Qwen-Image's img_shapes and masks, cut to it; the one batched call of HiDream, Z-Image and CogVideoX
+    gets three rows, HiDream's per-layer Llama states cut along their second dimension, CogVideoX's one-element
+    "ofs" tensor passed whole)."""
     pipe = pipeline(family)
     cfg = final_latents(pipe, family, steps=STEPS, batch_size=2, **_scale(family, 5.0))
     conditional_only = final_latents(pipe, family, steps=STEPS, batch_size=2, **_scale(family, 1.0))
@@ -78,7 +85,7 @@ def test_partial_guidance_evaluates_only_guided_rows(family: str) -> None:
                                     **_scale(family, 5.0))
     finally:
         handle.remove()
-    assert rows == ([3] if family in ("hidream", "zimage") else [2, 1]) * STEPS
+    assert rows == ([3] if family in ("hidream", "zimage", "cogvideox-i2v") else [2, 1]) * STEPS
     assert stats.uncond_rows_per_sample == [STEPS, 0]
     assert (out[0] - cfg[0]).abs().max().item() <= 1e-5
     assert (out[1] - conditional_only[1]).abs().max().item() <= 1e-5
@@ -183,10 +190,10 @@ def test_zimage_guides_the_velocity_its_transformer_negates() -> None:
     assert (cfg - expected).abs().max().item() > 1e-3
 
 
-@pytest.mark.parametrize("family", ["qwenimage", "fluxkontext", "hunyuanvideo"])
+@pytest.mark.parametrize("family", ["qwenimage", "fluxkontext", "hunyuanvideo", "hunyuanvideo-i2v"])
 def test_missing_negative_prompt_names_the_argument(family: str) -> None:
-    """Qwen-Image and Kontext make their unconditional call only with a negative prompt: a guidance that needs it
-    is refused, naming the argument, before anything runs."""
+    """Qwen-Image, Kontext and HunyuanVideo make their unconditional call only with a negative prompt: a guidance
+    that needs it is refused, naming the argument, before anything runs."""
     pipe = pipeline(family)
     with guidekit.guided(pipe, CFG(4.0)), \
             pytest.raises(ValueError, match=r"^negative_prompt=None is not accepted .*true_cfg_scale > 1"):

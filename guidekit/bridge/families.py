@@ -118,8 +118,10 @@ FAMILIES: dict[str, Family] = {
     "ZImagePipeline": Family("transformer", cond_first=True, scale_offset=1.0, list_rows=True, negated_output=True,
                              neutral_args=(("cfg_truncation", 1.0),)),
     # HunyuanVideo: Flux-like true CFG (true_cfg_scale and a negative prompt; guidance_scale is distilled), video.
-    "HunyuanVideoPipeline": Family("transformer", scale_arg="true_cfg_scale", separate_calls=True,
-                                   negative_args=("negative_prompt", "negative_prompt_embeds")),
+    # Image-to-video: the same two calls, the image's latent and a mask concatenated on the channels (dim 1).
+    **dict.fromkeys(("HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline"),
+                    Family("transformer", scale_arg="true_cfg_scale", separate_calls=True,
+                           negative_args=("negative_prompt", "negative_prompt_embeds"))),
     # CogView4: real CFG in two calls (the negative prompt defaults to "").
     "CogView4Pipeline": Family("transformer", separate_calls=True),
     # Chroma: real CFG (guidance_scale) in two calls, on Flux's packed latents.
@@ -127,8 +129,10 @@ FAMILIES: dict[str, Family] = {
                     Family("transformer", separate_calls=True, unbatched_args=("txt_ids", "img_ids"),
                            token_positions="img_ids")),
     **dict.fromkeys(("LTXPipeline", "LTXImageToVideoPipeline"), _TRANSFORMER),
-    # CogVideoX's dynamic CFG changes the weight per step inside the pipeline.
-    "CogVideoXPipeline": Family("transformer", unsupported_args=("use_dynamic_cfg",)),
+    # CogVideoX's dynamic CFG changes the weight per step inside the pipeline. Image-to-video: the image's latent is
+    # concatenated on the channels (dim 2), and the "ofs" embedding's one-element tensor is passed beside the batch.
+    **dict.fromkeys(("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline"),
+                    Family("transformer", unsupported_args=("use_dynamic_cfg",))),
     # Wan 2.1 / 2.2: two calls per step; 2.2 switches to transformer_2 (guidance_scale_2) below its boundary.
     **dict.fromkeys(("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline"),
                     Family("transformer", separate_calls=True, experts=("transformer_2",),

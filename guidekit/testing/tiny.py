@@ -25,6 +25,7 @@ from diffusers import (
     ChromaPipeline,
     ChromaTransformer2DModel,
     CogVideoXDDIMScheduler,
+    CogVideoXImageToVideoPipeline,
     CogVideoXPipeline,
     CogVideoXTransformer3DModel,
     CogView4Pipeline,
@@ -42,6 +43,7 @@ from diffusers import (
     FluxTransformer2DModel,
     HiDreamImagePipeline,
     HiDreamImageTransformer2DModel,
+    HunyuanVideoImageToVideoPipeline,
     HunyuanVideoPipeline,
     HunyuanVideoTransformer3DModel,
     LTXPipeline,
@@ -68,13 +70,19 @@ from diffusers import (
     ZImageTransformer2DModel,
 )
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video_image2video import (
+    DEFAULT_PROMPT_TEMPLATE as I2V_PROMPT_TEMPLATE,
+)
+from PIL import Image
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from torch import nn
 from transformers import (
+    CLIPImageProcessorPil,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    CLIPVisionConfig,
     Gemma2Config,
     Gemma2Model,
     GemmaTokenizer,
@@ -84,6 +92,8 @@ from transformers import (
     LlamaForCausalLM,
     LlamaModel,
     LlamaTokenizerFast,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -110,7 +120,8 @@ __all__ = [
 
 FAMILIES: tuple[str, ...] = (
     "sd", "sd-v", "sdxl", "dit", "pixart", "sd3", "sana", "flux", "fluxkontext", "chroma", "qwenimage", "lumina2",
-    "hidream", "zimage", "cogview4", "wan", "wan22", "wan22-i2v", "hunyuanvideo", "ltx", "cogvideox",
+    "hidream", "zimage", "cogview4", "wan", "wan22", "wan22-i2v", "hunyuanvideo", "hunyuanvideo-i2v", "ltx",
+    "cogvideox", "cogvideox-i2v",
 )
 
 DEFAULT_SAMPLE_SIZE = 16
@@ -135,11 +146,11 @@ _HIDREAM_LLAMA_LAYERS = 2
 _NUM_FRAMES = 9
 #: The video families: their pipelines return ``frames``; their latents are ``(B, C, T, H, W)`` (Wan),
 #: ``(B, T, C, H, W)`` (CogVideoX) or packed tokens ``(B, T * H * W, C)`` (LTX).
-VIDEO_FAMILIES: tuple[str, ...] = ("wan", "wan22", "wan22-i2v", "hunyuanvideo", "ltx",
-                             "cogvideox")
+VIDEO_FAMILIES: tuple[str, ...] = ("wan", "wan22", "wan22-i2v", "hunyuanvideo", "hunyuanvideo-i2v", "ltx",
+                                   "cogvideox", "cogvideox-i2v")
 #: Pixels per latent pixel of each family whose VAE is not the two-level AutoencoderKL.
-_PIXELS_PER_LATENT = {"wan": 8, "wan22": 8, "wan22-i2v": 8, "hunyuanvideo": 8, "ltx": 4, "cogvideox": 8,
-                      "qwenimage": 4, "lumina2": 8}
+_PIXELS_PER_LATENT = {"wan": 8, "wan22": 8, "wan22-i2v": 8, "hunyuanvideo": 8, "hunyuanvideo-i2v": 8, "ltx": 4,
+                      "cogvideox": 8, "cogvideox-i2v": 8, "qwenimage": 4, "lumina2": 8}
 _CHARS = string.digits + string.ascii_letters + string.punctuation
 
 _M = TypeVar("_M", bound=nn.Module)
@@ -189,9 +200,15 @@ def tiny_call_kwargs(family: str, batch_size: int = 1, *, sample_size: int | Non
     """Return conditioning kwargs for a valid call of the tiny ``family`` pipeline with ``batch_size`` images.
 
     Pass the ``sample_size`` used to build the pipeline. Step count, guidance scale, generator and output
-    type are left to the caller; for "flux" a negative prompt is included so ``true_cfg_scale > 1`` works.
+    type are left to the caller; for the families whose true CFG needs one ("flux", "fluxkontext", "qwenimage",
+    "hunyuanvideo", "hunyuanvideo-i2v") a negative prompt is included so ``true_cfg_scale > 1`` works.
+    "hunyuanvideo-i2v" takes one prompt per call: its pipeline encodes the negative prompts with one black image,
+    which fails for more than one.
     """
     size = _check_size(family, sample_size)
+    if family == "hunyuanvideo-i2v" and batch_size != 1:
+        raise ValueError(f"batch_size={batch_size} is not accepted for 'hunyuanvideo-i2v': its pipeline encodes the "
+                         "negative prompts with one black image, so true CFG runs one prompt per call; expected 1")
     if family == "dit":
         return {"class_labels": [1] * batch_size}
     side = size * _PIXELS_PER_LATENT.get(family, _VAE_SCALE_FACTOR)
@@ -200,15 +217,22 @@ def tiny_call_kwargs(family: str, batch_size: int = 1, *, sample_size: int | Non
         kwargs["num_frames"] = _NUM_FRAMES
     if family in ("fluxkontext", "wan22-i2v"):  # the reference image, at the generated size
         kwargs["image"] = torch.rand((1, 3, side, side), generator=torch.Generator().manual_seed(1))
+    if family == "cogvideox-i2v":  # one image per prompt: the pipeline encodes each row's own
+        kwargs["image"] = torch.rand((batch_size, 3, side, side), generator=torch.Generator().manual_seed(1))
+    if family == "hunyuanvideo-i2v":  # a PIL image, as the pipeline's Llava image processor takes it
+        pixels = torch.rand((side, side, 3), generator=torch.Generator().manual_seed(1))
+        kwargs["image"] = Image.fromarray((pixels * 255).to(torch.uint8).numpy())
     if family in ("pixart", "sd3", "sana", "flux", "fluxkontext", "chroma", "lumina2", "hidream", "zimage", "cogview4",
                   *VIDEO_FAMILIES):
         kwargs["max_sequence_length"] = _MAX_SEQUENCE_LENGTH
+    if family == "hunyuanvideo-i2v":  # room for the negative prompt and the template's assistant header after it
+        kwargs["max_sequence_length"] = 2 * _MAX_SEQUENCE_LENGTH
     if family in ("pixart", "sana"):
         kwargs["use_resolution_binning"] = False
         kwargs["clean_caption"] = False
     if family == "sana":
         kwargs["complex_human_instruction"] = None
-    if family in ("flux", "fluxkontext", "qwenimage", "hunyuanvideo"):
+    if family in ("flux", "fluxkontext", "qwenimage", "hunyuanvideo", "hunyuanvideo-i2v"):
         kwargs["negative_prompt"] = ["a blurry photo"] * batch_size
     if family == "fluxkontext":  # no resizing to Kontext's areas
         kwargs["max_area"], kwargs["_auto_resize"] = side * side, False
@@ -805,56 +829,87 @@ def _build_zimage(seed: int, size: int) -> ZImagePipeline:
         text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
 
 
-def _hunyuan_llama(seed: int) -> tuple[LlamaTokenizerFast, LlamaModel]:
+def _hunyuan_tokenizer(template: str, specials: tuple[str, ...], pad: str
+                       ) -> tuple[LlamaTokenizerFast, dict[str, int]]:
     """Byte-level BPE tokenizer in Llama 3 style (Llama 3's pre-tokenizer split; prepends ``<|begin_of_text|>``,
-    pads on the right with ``<|end_of_text|>``) and a three-layer LlamaModel.
+    pads on the right with ``pad``) and its vocabulary.
 
-    Besides the 256 byte tokens and the specials, the vocabulary holds every pre-token of HunyuanVideo's default
-    prompt template as one token (``ignore_merges`` lets BPE take a whole pre-token found in the vocabulary without
-    merges), so the template's system/user prefix is 95 tokens, as with the real tokenizer, and the default
-    ``crop_start=95`` cuts exactly at the user prompt. Other words fall back to bytes.
+    Besides the 256 byte tokens and the ``specials``, the vocabulary holds every pre-token of the prompt ``template``
+    as one token (``ignore_merges`` lets BPE take a whole pre-token found in the vocabulary without merges), so the
+    template's system/user prefix has as many tokens as with the real tokenizer (HunyuanVideo's: 95, its
+    image-to-video one's: 103) and the template's ``crop_start`` cuts exactly at the user prompt. Other words fall
+    back to bytes.
     """
-    vocab = _byte_vocab(_HUNYUAN_SPECIALS)
+    vocab = _byte_vocab(specials)
     pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_PATTERN), behavior="isolated"),
                                              pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    split = "(" + "|".join(map(re.escape, _HUNYUAN_SPECIALS)) + ")"
-    for part in re.split(split, DEFAULT_PROMPT_TEMPLATE["template"].replace("{}", "")):
-        if part and part not in _HUNYUAN_SPECIALS:
+    split = "(" + "|".join(map(re.escape, specials)) + ")"
+    for part in re.split(split, template.replace("{}", "")):
+        if part and part not in specials:
             for word, _ in pre_tokenizer.pre_tokenize_str(part):
                 vocab.setdefault(word, len(vocab))
     tokenizer = LlamaTokenizerFast(tokenizer_object=_byte_bpe(vocab, ("<|begin_of_text|>",), pre_tokenizer),
-                                   bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|end_of_text|>",
+                                   bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token=pad,
                                    padding_side="right", model_max_length=131072)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"]})
-    config = _llama_config(vocab, _HUNYUAN_LLAMA_LAYERS, "<|end_of_text|>")
-    return tokenizer, _init(seed, LlamaModel, config)
+    others = [t for t in specials if t not in ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", pad)]
+    tokenizer.add_special_tokens({"additional_special_tokens": others})
+    return tokenizer, vocab
 
 
-def _build_hunyuanvideo(seed: int, size: int) -> HunyuanVideoPipeline:
+def _hunyuan_llama(seed: int) -> tuple[LlamaTokenizerFast, LlamaModel]:
+    """HunyuanVideo's tokenizer (:func:`_hunyuan_tokenizer` on its default template, padding with
+    ``<|end_of_text|>``) and a three-layer LlamaModel."""
+    tokenizer, vocab = _hunyuan_tokenizer(DEFAULT_PROMPT_TEMPLATE["template"], _HUNYUAN_SPECIALS, "<|end_of_text|>")
+    return tokenizer, _init(seed, LlamaModel, _llama_config(vocab, _HUNYUAN_LLAMA_LAYERS, "<|end_of_text|>"))
+
+
+def _hunyuan_llava(seed: int) -> tuple[LlamaTokenizerFast, LlavaForConditionalGeneration, CLIPImageProcessorPil]:
+    """HunyuanVideo image-to-video's text encoder: the tokenizer of its template (:func:`_hunyuan_tokenizer`, with
+    ``<image>`` and ``<pad>`` tokens, padding with ``<pad>``), a Llava of a two-layer CLIP vision tower and a
+    three-layer Llama whose config names ``<image>`` and ``<pad>`` (the pipeline expands the one ``<image>`` token to
+    the template's 576 image tokens and masks the ``<pad>`` positions), and a CLIP image processor (PIL backend) to
+    the tower's 24 x 24 pixels, each pixel a patch: 576 image features, as the template expects."""
+    specials = (*_HUNYUAN_SPECIALS, "<pad>", "<image>")
+    tokenizer, vocab = _hunyuan_tokenizer(I2V_PROMPT_TEMPLATE["template"], specials, "<pad>")
+    side = int(I2V_PROMPT_TEMPLATE["image_emb_len"] ** 0.5)
+    vision = CLIPVisionConfig(hidden_size=_TEXT_DIM, intermediate_size=2 * _TEXT_DIM, projection_dim=_TEXT_DIM,
+                              num_hidden_layers=2, num_attention_heads=4, image_size=side, patch_size=1,
+                              hidden_act="quick_gelu")
+    config = LlavaConfig(vision_config=vision, text_config=_llama_config(vocab, _HUNYUAN_LLAMA_LAYERS, "<pad>"),
+                         image_token_index=vocab["<image>"], pad_token_id=vocab["<pad>"])
+    processor = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    return tokenizer, _init(seed, LlavaForConditionalGeneration, config), processor
+
+
+def _build_hunyuanvideo(seed: int, size: int, *, image: bool = False
+                        ) -> HunyuanVideoPipeline | HunyuanVideoImageToVideoPipeline:
     """HunyuanVideo layout: a Llama text encoder (third-to-last hidden state of the templated prompt, template
     cropped), a CLIP text encoder (pooled), a guidance-distilled dual/single-stream video transformer with patches
     1 x 2 x 2, a causal 3-D VAE with 8x spatial and 4x temporal compression, flow matching with shift 7; true CFG
-    (``true_cfg_scale > 1`` and a negative prompt) in two transformer calls per step."""
-    tokenizer, text_encoder = _hunyuan_llama(seed + 3)
-    transformer = _init(seed, HunyuanVideoTransformer3DModel, in_channels=4, out_channels=4, num_attention_heads=2,
-                        attention_head_dim=16, num_layers=1, num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0,
-                        patch_size=2, patch_size_t=1, guidance_embeds=True, text_embed_dim=_TEXT_DIM,
-                        pooled_projection_dim=_TEXT_DIM, rope_axes_dim=(4, 6, 6))
+    (``true_cfg_scale > 1`` and a negative prompt) in two transformer calls per step. With ``image``, the
+    image-to-video layout of HunyuanVideo-I2V-33ch: a Llava text encoder that also sees the image (a black one for the
+    negative prompt), and a transformer without guidance embedding that takes the latent, the image's latent in the
+    first frame and a first-frame mask concatenated on the channels (``image_condition_type="latent_concat"``)."""
+    if image:
+        tokenizer, text_encoder, processor = _hunyuan_llava(seed + 3)
+    else:
+        tokenizer, text_encoder = _hunyuan_llama(seed + 3)
+    transformer = _init(seed, HunyuanVideoTransformer3DModel, in_channels=9 if image else 4, out_channels=4,
+                        num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=1,
+                        num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1, guidance_embeds=not image,
+                        text_embed_dim=_TEXT_DIM, pooled_projection_dim=_TEXT_DIM, rope_axes_dim=(4, 6, 6),
+                        image_condition_type="latent_concat" if image else None)
     vae = _init(seed + 1, AutoencoderKLHunyuanVideo, in_channels=3, out_channels=3, latent_channels=4,
                 down_block_types=("HunyuanVideoDownBlock3D",) * 4, up_block_types=("HunyuanVideoUpBlock3D",) * 4,
                 block_out_channels=(8, 8, 8, 8), layers_per_block=1, act_fn="silu", norm_num_groups=4,
                 scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
                 mid_block_add_attention=True)
-    pipe = HunyuanVideoPipeline(
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-        vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-        text_encoder_2=_clip_text_encoder(seed + 2, projection=False),
-        tokenizer_2=_clip_tokenizer(),
-    )
-    return pipe
+    components = {"text_encoder": text_encoder, "tokenizer": tokenizer, "transformer": transformer, "vae": vae,
+                  "scheduler": FlowMatchEulerDiscreteScheduler(shift=7.0),
+                  "text_encoder_2": _clip_text_encoder(seed + 2, projection=False), "tokenizer_2": _clip_tokenizer()}
+    if image:
+        return HunyuanVideoImageToVideoPipeline(**components, image_processor=processor)
+    return HunyuanVideoPipeline(**components)
 
 
 def _glm(seed: int) -> tuple[PreTrainedTokenizerFast, GlmModel]:
@@ -939,23 +994,30 @@ def _build_ltx(seed: int, size: int) -> LTXPipeline:
                        tokenizer=tokenizer, transformer=transformer)
 
 
-def _build_cogvideox(seed: int, size: int) -> CogVideoXPipeline:
+def _build_cogvideox(seed: int, size: int, *, image: bool = False
+                     ) -> CogVideoXPipeline | CogVideoXImageToVideoPipeline:
     """CogVideoX layout: 3-D VAE (8x spatial, 4x temporal), latents ``(B, T, C, H, W)``, a video transformer with
-    patches 2 x 2, T5; CFG in one batched call, DDIM."""
+    patches 2 x 2, T5; CFG in one batched call, DDIM. With ``image``, CogVideoX 1.5's image-to-video transformer: it
+    takes the latent and the image's latent (first frame, zeros after) concatenated on the channels (dim 2), patches
+    2 x 2 x 2 in time (the pipeline pads the latent frames to an even count), 3-D rotary embeddings and the "ofs"
+    embedding, a one-element tensor that the pipeline passes beside the batch."""
     tokenizer, text_encoder = _t5(seed + 3)
     vae = _init(seed + 1, AutoencoderKLCogVideoX, down_block_types=("CogVideoXDownBlock3D",) * 4,
                 up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
                 layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4)
-    transformer = _init(seed, CogVideoXTransformer3DModel, num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                        out_channels=4, time_embed_dim=2, text_embed_dim=_TEXT_DIM, num_layers=2, sample_width=size,
-                        sample_height=size, sample_frames=_NUM_FRAMES, patch_size=2, temporal_compression_ratio=4,
-                        max_text_seq_length=_MAX_SEQUENCE_LENGTH)
-    return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                             scheduler=CogVideoXDDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                                                              beta_end=0.012, prediction_type="v_prediction",
-                                                              rescale_betas_zero_snr=True, set_alpha_to_one=True,
-                                                              snr_shift_scale=3.0, timestep_spacing="trailing",
-                                                              clip_sample=False))
+    # rotary embeddings split each head's 16 dimensions 4 / 6 / 6 over frames, rows and columns
+    i2v = {"attention_head_dim": 16, "in_channels": 8, "ofs_embed_dim": 2, "patch_size_t": 2, "patch_bias": False,
+           "use_rotary_positional_embeddings": True} if image else {"attention_head_dim": 8, "in_channels": 4}
+    transformer = _init(seed, CogVideoXTransformer3DModel, num_attention_heads=2, out_channels=4, time_embed_dim=2,
+                        text_embed_dim=_TEXT_DIM, num_layers=2, sample_width=size, sample_height=size,
+                        sample_frames=_NUM_FRAMES, patch_size=2, temporal_compression_ratio=4,
+                        max_text_seq_length=_MAX_SEQUENCE_LENGTH, **i2v)
+    cls = CogVideoXImageToVideoPipeline if image else CogVideoXPipeline
+    return cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+               scheduler=CogVideoXDDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                                set_alpha_to_one=True, snr_shift_scale=3.0,
+                                                timestep_spacing="trailing", clip_sample=False))
 
 
 def _build_wan(seed: int, size: int, *, experts: int = 1, image: bool = False
@@ -1001,9 +1063,11 @@ _BUILDERS: dict[str, Callable[[int, int], DiffusionPipeline]] = {
     "zimage": _build_zimage,
     "cogview4": _build_cogview4,
     "hunyuanvideo": _build_hunyuanvideo,
+    "hunyuanvideo-i2v": lambda seed, size: _build_hunyuanvideo(seed, size, image=True),
     "qwenimage": _build_qwenimage,
     "ltx": _build_ltx,
     "cogvideox": _build_cogvideox,
+    "cogvideox-i2v": lambda seed, size: _build_cogvideox(seed, size, image=True),
     "wan": _build_wan,
     "wan22": lambda seed, size: _build_wan(seed, size, experts=2),
     "wan22-i2v": lambda seed, size: _build_wan(seed, size, experts=2, image=True),
