@@ -198,3 +198,45 @@ def test_missing_negative_prompt_names_the_argument(family: str) -> None:
     with guidekit.guided(pipe, CFG(4.0)), \
             pytest.raises(ValueError, match=r"^negative_prompt=None is not accepted .*true_cfg_scale > 1"):
         final_latents(pipe, family, steps=2, true_cfg_scale=4.0, negative_prompt=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SeesLatent(CFG):
+    """CFG that records the latent each combination is given (``ctx.x``)."""
+
+    seen: list = dataclasses.field(default_factory=list, compare=False, hash=False)
+
+    def combine(self, cond, uncond, ctx, state=None, scale=None):  # type: ignore[no-untyped-def]
+        self.seen.append(ctx.x.clone())
+        return super().combine(cond, uncond, ctx, state, scale)
+
+
+def test_cogvideox_image_to_video_guides_the_noisy_latent_channels() -> None:
+    """CogVideoX's image-to-video transformer takes the image's latent concatenated on dim 2 of ``(B, F, C, H, W)``:
+    methods see the noisy latent's C channels, not all 2C (which made APG and CFG-Zero* fail on their shapes), and
+    APG with its parallel component kept (eta 1, no clamp, no momentum) is CFG."""
+    pipe = pipeline("cogvideox-i2v")
+    inputs: list[torch.Tensor] = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda _m, _a, kw: inputs.append(kw["hidden_states"]),
+                                                        with_kwargs=True)
+    probe = _SeesLatent(5.0)
+    try:
+        guided_latents(pipe, "cogvideox-i2v", probe, steps=STEPS, batch_size=2, guidance_scale=5.0)
+    finally:
+        handle.remove()
+    channels = pipe.transformer.config.out_channels
+    assert len(probe.seen) == len(inputs) == STEPS
+    for seen, given in zip(probe.seen, inputs, strict=True):
+        assert given.shape[2] == 2 * channels and seen.shape[2] == channels
+        assert torch.equal(seen, given[2:, :, :channels])  # the conditional rows' noisy latent ([uncond; cond])
+    cfg, _ = guided_latents(pipe, "cogvideox-i2v", CFG(5.0), steps=STEPS, batch_size=2, guidance_scale=5.0)
+    apg, _ = guided_latents(pipe, "cogvideox-i2v", guidekit.APG(5.0, eta=1.0, norm_threshold=0.0, momentum=0.0),
+                            steps=STEPS, batch_size=2, guidance_scale=5.0)
+    assert (apg - cfg).abs().max().item() <= 1e-5
+    for method in (guidekit.APG(5.0), guidekit.CFGZeroStar(5.0), guidekit.TCFG(5.0, space="v"), guidekit.MAMBOG(5.0),
+                   guidekit.AdaptiveGuidance(CFG(5.0))):
+        out, _ = guided_latents(pipe, "cogvideox-i2v", method, steps=STEPS, batch_size=2, guidance_scale=5.0)
+        assert torch.isfinite(out).all() and not torch.equal(out, cfg), method
+    # Step 0 is at zero terminal SNR: a combination in eps space cannot be mapped back, and the error says so.
+    with pytest.raises(ValueError, match="zero-terminal-SNR step.*space='v' or 'x0'"):
+        guided_latents(pipe, "cogvideox-i2v", guidekit.TCFG(5.0), steps=STEPS, batch_size=2, guidance_scale=5.0)

@@ -44,6 +44,9 @@ class Family:
         token_positions: for a denoiser of packed latents (each token a 2 x 2 patch), the argument that holds the
             tokens' positions, ``(N, 3)`` rows ``[0, row, column]`` (Flux's ``img_ids``); the guidance context's
             ``grid`` is read from it.
+        channel_dim: the dimension of the latent's channels, along which a denoiser's input can carry more than its
+            output (a condition's latent concatenated, a learned variance appended to the output): 1, or 2 for
+            latents laid out ``(B, F, C, H, W)`` (CogVideoX).
     """
 
     denoiser: str
@@ -62,6 +65,7 @@ class Family:
     second_dim_batched: tuple[str, ...] = ()
     per_sample_lists: tuple[str, ...] = ()
     token_shapes: str | None = None
+    channel_dim: int = 1
     experts: tuple[str, ...] = ()
     expert_scale_args: tuple[str, ...] = ()
 
@@ -132,7 +136,7 @@ FAMILIES: dict[str, Family] = {
     # CogVideoX's dynamic CFG changes the weight per step inside the pipeline. Image-to-video: the image's latent is
     # concatenated on the channels (dim 2), and the "ofs" embedding's one-element tensor is passed beside the batch.
     **dict.fromkeys(("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline"),
-                    Family("transformer", unsupported_args=("use_dynamic_cfg",))),
+                    Family("transformer", unsupported_args=("use_dynamic_cfg",), channel_dim=2)),
     # Wan 2.1 / 2.2: two calls per step; 2.2 switches to transformer_2 (guidance_scale_2) below its boundary.
     **dict.fromkeys(("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline"),
                     Family("transformer", separate_calls=True, experts=("transformer_2",),

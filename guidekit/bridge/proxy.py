@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
@@ -198,9 +199,11 @@ class GuidedDenoiser:
         self._finite: list[tuple[int, NoiseLevel, torch.Tensor]] = []
         self._reader: SchedulerReader | None = None
         self._rows = torch.arange(0)
-        # The guided part of dim 1, known after the first call: the channels a learned variance follows, or the
-        # latent's tokens ahead of appended condition tokens.
+        # The guided part of the channel dimension (``_dim``: the family's, or 1 for condition tokens), known after
+        # the first call: the channels a learned variance or a concatenated condition follows, or the latent's tokens
+        # ahead of appended condition tokens.
         self._channels: int | None = None
+        self._dim = 1 if family.condition_tokens else family.channel_dim
         self._space = model_space(scheduler)
         self._step_sigma = float("nan")
         self._latent_grid: tuple[int, int] | None = None  # packed latents: the unpacked (height, width)
@@ -258,8 +261,8 @@ class GuidedDenoiser:
         state = self._reader(timestep)
         if not state.corrector:
             self._step_sigma, self._tau = state.level.sigma, state.tau
-        if self._channels is not None and sample.shape[1] != self._channels:
-            sample = sample[:, :self._channels]
+        if self._channels is not None and sample.shape[self._dim] != self._channels:
+            sample = sample.narrow(self._dim, 0, self._channels)
         ctx = GuidanceContext(x=sample, level=state.level, model_space=self._space, step=state.step,
                               num_steps=state.num_steps, step_sigma=self._step_sigma, tau=self._tau,
                               corrector=state.corrector, rows=self._rows, batch_size=b,
@@ -296,13 +299,14 @@ class GuidedDenoiser:
                                  f"its output has shape {tuple(v.shape)}, the pipeline's denoiser "
                                  f"{tuple(cond.shape)}: expected a network of the same family and latent size")
         self._count(masks)
+        d = self._dim
         if self._channels is None:
-            self._channels = min(ctx.x.shape[1], cond.shape[1])
+            self._channels = min(ctx.x.shape[d], cond.shape[d])
         c = self._channels
-        if ctx.x.shape[1] != c:
-            ctx = replace(ctx, x=ctx.x[:, :c])
-        if cond.shape[1] != c:
-            cond, extra = cond[:, :c], {p: v[:, :c] for p, v in extra.items()}
+        if ctx.x.shape[d] != c:
+            ctx = replace(ctx, x=ctx.x.narrow(d, 0, c))
+        if cond.shape[d] != c:
+            cond, extra = cond.narrow(d, 0, c), {p: v.narrow(d, 0, c) for p, v in extra.items()}
         uncond = extra[UNCOND]
         if self.family.negated_output:  # the guidance sees the scheduler's prediction; the result goes back negated
             pred = -apply_guidance(self.guidance, -cond, {p: -v for p, v in extra.items()}, masks, ctx, self.state)
@@ -318,10 +322,10 @@ class GuidedDenoiser:
             self._receiver.receive_unconditional(uncond)
         return pred
 
-    @staticmethod
-    def _full(pred: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def _full(self, pred: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """``pred`` with the conditional rows' learned-variance channels appended, if the model has any."""
-        return pred if pred.shape[1] == cond.shape[1] else torch.cat([pred, cond[:, pred.shape[1]:]], dim=1)
+        d, n = self._dim, pred.shape[self._dim]
+        return pred if n == cond.shape[d] else torch.cat([pred, cond.narrow(d, n, cond.shape[d] - n)], dim=d)
 
     def _select(self, args: tuple, kwargs: dict, index: slice | torch.Tensor, n: int) -> tuple[tuple, dict]:
         family = self.family
@@ -477,14 +481,15 @@ class GuidedDenoiser:
         u)``."""
         self._count(masks)
         out = _output_tensor(result)
+        d = self._dim
         if self._channels is None:
-            self._channels = min(ctx.x.shape[1], out.shape[1])
+            self._channels = min(ctx.x.shape[d], out.shape[d])
         scale = self.scales[self._expert]
         if weight != scale:
             assert cond is not None and uncond is not None
             c = self._channels
-            moved = torch.lerp(cond[:, :c], uncond[:, :c], (weight - 1.0) / (scale - 1.0))
-            out = moved if c == out.shape[1] else torch.cat([moved, out[:, c:]], dim=1)
+            moved = torch.lerp(cond.narrow(d, 0, c), uncond.narrow(d, 0, c), (weight - 1.0) / (scale - 1.0))
+            out = moved if c == out.shape[d] else torch.cat([moved, out.narrow(d, c, out.shape[d] - c)], dim=d)
             result = _with_output(result, out)
         # The pipeline's combination of finite predictions with a finite weight is finite (barring overflow).
         total = out.sum(dtype=_SUM_DTYPES.get(out.dtype))
@@ -511,9 +516,11 @@ class GuidedDenoiser:
             method = format_guidance(self.guidance)
         except TypeError:  # a guidance without a text form
             method = repr(self.guidance)
+        advice = ("a zero-terminal-SNR step, where an eps-space prediction does not determine the model's: give the "
+                  "method space='v' or 'x0'" if math.isinf(sigma) else
+                  "lower the weight, or check the model's own predictions")
         raise ValueError(f"guidance {method} gave a guided prediction that is not finite at step {step} "
-                         f"(sigma {sigma:.4g}); expected finite values: lower the weight, or check the model's own "
-                         "predictions")
+                         f"(sigma {sigma:.4g}); expected finite values: {advice}")
 
     def _forward(self, *args: Any, perturbed_rows: int = 0, positive: torch.Tensor | None = None, **kwargs: Any
                  ) -> Any:
