@@ -238,5 +238,5 @@ def test_cogvideox_image_to_video_guides_the_noisy_latent_channels() -> None:
         out, _ = guided_latents(pipe, "cogvideox-i2v", method, steps=STEPS, batch_size=2, guidance_scale=5.0)
         assert torch.isfinite(out).all() and not torch.equal(out, cfg), method
     # Step 0 is at zero terminal SNR: a combination in eps space cannot be mapped back, and the error says so.
-    with pytest.raises(ValueError, match="zero-terminal-SNR step.*space='v' or 'x0'"):
+    with pytest.raises(ValueError, match=r"zero-terminal-SNR step.*space='v' or 'x0'"):
         guided_latents(pipe, "cogvideox-i2v", guidekit.TCFG(5.0), steps=STEPS, batch_size=2, guidance_scale=5.0)
