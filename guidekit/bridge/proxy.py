@@ -118,17 +118,6 @@ def mark_batch_dynamic(value: Any, n: int) -> None:
             mark_batch_dynamic(v, n)
 
 
-def _twice(value: Any) -> Any:
-    """Every tensor in ``value`` with a batch of one row, with that row repeated: a batch of two."""
-    if isinstance(value, torch.Tensor):
-        return torch.cat([value, value]) if value.ndim and value.shape[0] == 1 else value
-    if isinstance(value, dict):
-        return {k: _twice(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_twice(v) for v in value)
-    return value
-
-
 def _take(value: Any, index: slice | torch.Tensor, n: int) -> Any:
     """Select ``index`` along the batch axis of every tensor in ``value`` whose batch is ``n``."""
     if isinstance(value, torch.Tensor):
@@ -545,10 +534,9 @@ class GuidedDenoiser:
         if not self.compiled:
             return forward(*args, **kwargs)
         sample, _ = _sample_and_timestep(args, kwargs)
-        raw = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-        single = sample.shape[0] == 1 and isinstance(raw, torch.Tensor)  # not rows given as a list (Z-Image)
+        single = sample.shape[0] == 1 and not self.family.list_rows
         if single:  # inductor specialises its graphs on a batch of 1: hand it the row twice, keep the first output
-            args, kwargs = _twice((args, kwargs))
+            args, kwargs = _take((args, kwargs), torch.zeros(2, dtype=torch.long), 1)
         mark_batch_dynamic((args, kwargs), sample.shape[0] * (1 + single))
         with _size_oblivious():
             result = forward(*args, **kwargs)
