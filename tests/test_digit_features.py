@@ -1,5 +1,5 @@
 """The digits feature network shipped with the embedded model: a classifier trained on the same coloured digits
-(scripts/train_digit_features.py), whose penultimate features score the embedded model's samples."""
+(scripts/train_digit_features.py), whose penultimate layer's direction scores the embedded model's samples."""
 
 from __future__ import annotations
 
@@ -39,10 +39,11 @@ def test_the_classifier_reads_the_digit_better_than_the_model_cards_baseline(net
     assert identity["weights_sha256"] == file_sha256(WEIGHTS) and identity["dim"] == DIM
 
 
-def test_frechet_distance_orders_real_shuffled_and_noise(network: DigitFeatures) -> None:
+def test_frechet_distance_separates_real_from_shuffled_and_noise(network: DigitFeatures) -> None:
     """FD of the held-out digits against the training digits (other colours) is small; against the same held-out
-    images with their pixels shuffled it is larger, and against uniform noise larger again; precision of the
-    shuffled images against the real ones is lower. Thousands of images take seconds."""
+    images with their pixels shuffled, or against uniform noise, it is over 20 times larger (both are far from
+    every digit direction); precision of the shuffled images against the real ones is lower. Thousands of images
+    take seconds."""
     generator = torch.Generator().manual_seed(3)
     train = torch.cat([coloured_digits("train", generator)[0] for _ in range(3)])  # 4311 images
     test = torch.cat([coloured_digits("test", generator)[0] for _ in range(3)])
@@ -54,7 +55,7 @@ def test_frechet_distance_orders_real_shuffled_and_noise(network: DigitFeatures)
     assert time.perf_counter() - start < 20
     fd_real, fd_shuffled, fd_noise = (_fd(real, f) for f in (held_out, network(shuffled).features,
                                                               network(noise).features))
-    assert fd_real < fd_shuffled < fd_noise and fd_shuffled > 5 * fd_real
+    assert min(fd_shuffled, fd_noise) > 20 * fd_real
     p_real = precision_recall(real, held_out)[0]
     p_shuffled = precision_recall(real, network(shuffled).features)[0]
     assert p_real > 0.7 and p_shuffled < 0.3
