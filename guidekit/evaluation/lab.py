@@ -297,7 +297,7 @@ def run_model_grid(grid: ModelGrid, root: Path, out: Path, *, tiny: bool, seeds:
     summary = summarize(rows, MODEL_METRICS)
     write_text_atomic(out / "model_results.md", f"# {title}: the embedded digits model\n\n"
                                                 f"{markdown(summary, MODEL_METRICS)}\n\nFloor (training digits "
-                                                f"against the held-out ones): FD {digit_floor():.1f}.\n")
+                                                f"against the held-out ones): FD {digit_floor():.3f}.\n")
     plot_lab(summary, out, title, "model_", ("fd", "saturation"))
     return rows
 
