@@ -326,7 +326,7 @@ def inception_check(rows: list[dict[str, Any]], out: Path, images: int | None = 
     lines = [f"# Digit FD against Inception FID ({len(points)} points, the first seed range, "
              f"{images or 'all its'} images each for Inception)", "", f"Spearman's rank correlation: {rho:.3f}", "",
              "| method | w | steps | digit FD | Inception FID |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['method']} | {r['weight']:g} | {r['steps']} | {float(r['fd']):.2f} | {fid:.2f} |"
+    lines += [f"| {r['method']} | {r['weight']:g} | {r['steps']} | {float(r['fd']):.3f} | {fid:.2f} |"
               for r, fid in points]
     write_text_atomic(out / "fd_inception.md", "\n".join(lines) + "\n")
     return rho
