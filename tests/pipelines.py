@@ -138,6 +138,9 @@ VARIANTS: dict[str, tuple[str, Any]] = {
     "QwenImageImg2ImgPipeline": ("qwenimage", lambda s: {"image": _picture(s, 1), "strength": 0.8}),
     "QwenImageInpaintPipeline": ("qwenimage", lambda s: {"image": _picture(s, 1), "mask_image": _picture(s, 2),
                                                          "strength": 0.8}),
+    # one reference image per prompt, as the processor pairs them with the prompts' image placeholders
+    "QwenImageEditInpaintPipeline": ("qwenimage-edit", lambda s: {"image": [_picture(s, 1)] * 2,
+                                                                  "mask_image": _picture(s, 2), "strength": 0.8}),
     "WanVideoToVideoPipeline": ("wan", lambda s: {"video": [_picture(s, i) for i in range(9)], "strength": 0.8}),
     "CogVideoXVideoToVideoPipeline": ("cogvideox", lambda s: {"video": [_picture(s, i) for i in range(9)],
                                                               "strength": 0.8}),

@@ -4,9 +4,11 @@ channels), Z-Image (one call on lists of rows ``[cond; uncond]``, guidance_scale
 negated velocity), HiDream (one batched call, negated velocity, per-layer Llama states batched on
 their second dimension), Flux Kontext (Flux's two calls with the reference image's tokens appended), Chroma
 and Qwen-Image (two calls per step on packed latents; Qwen-Image rescales each
-token of the guided prediction to the conditional one's norm), LTX-Video (one batched call on packed video tokens)
-and CogVideoX (one batched call on ``(B, T, C, H, W)`` latents; image-to-video with the image's latent concatenated
-on dim 2 and the "ofs" embedding's one-element tensor beside the batch), against the pipelines' own results."""
+token of the guided prediction to the conditional one's norm), Qwen-Image-Edit and Edit-2509 (Qwen-Image's calls with
+the reference images' tokens appended; Edit-2509 runs one prompt with two images), LTX-Video (one batched call on
+packed video tokens) and CogVideoX (one batched call on ``(B, T, C, H, W)`` latents; image-to-video with the image's
+latent concatenated on dim 2 and the "ofs" embedding's one-element tensor beside the batch), against the pipelines' own
+results."""
 
 from __future__ import annotations
 
@@ -20,13 +22,15 @@ import guidekit
 from guidekit import CFG, Interval
 
 STEPS = 3
-FAMILIES = ("fluxkontext", "chroma", "qwenimage", "lumina2", "hidream", "zimage", "cogview4", "hunyuanvideo",
-            "hunyuanvideo-i2v", "ltx", "cogvideox", "cogvideox-i2v")
+FAMILIES = ("fluxkontext", "chroma", "qwenimage", "qwenimage-edit", "qwenimage-editplus", "lumina2", "hidream",
+            "zimage", "cogview4", "hunyuanvideo", "hunyuanvideo-i2v", "ltx", "cogvideox", "cogvideox-i2v")
+#: The families whose true CFG is true_cfg_scale with a negative prompt.
+TRUE_CFG = ("qwenimage", "qwenimage-edit", "qwenimage-editplus", "fluxkontext", "hunyuanvideo", "hunyuanvideo-i2v")
 #: The argument that turns CFG on, where it is not guidance_scale.
-SCALE_ARG = {"qwenimage": "true_cfg_scale", "fluxkontext": "true_cfg_scale", "hunyuanvideo": "true_cfg_scale",
-             "hunyuanvideo-i2v": "true_cfg_scale"}
-#: Prompts per call, where not 2 (HunyuanVideo image-to-video encodes its negative prompts with one black image).
-BATCH = {"hunyuanvideo-i2v": 1}
+SCALE_ARG = dict.fromkeys(TRUE_CFG, "true_cfg_scale")
+#: Prompts per call, where not 2 (HunyuanVideo image-to-video encodes its negative prompts with one black image;
+#: Qwen-Image-Edit-2509's pipeline takes one prompt).
+BATCH = {"hunyuanvideo-i2v": 1, "qwenimage-editplus": 1}
 
 
 def _scale(family: str, value: float) -> dict[str, float]:
@@ -69,8 +73,8 @@ def test_empty_interval_computes_no_unconditional_rows(family: str) -> None:
     assert (out - conditional_only).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["wan", "qwenimage", "chroma", "hidream", "zimage", "cogview4", "hunyuanvideo",
-                                    "cogvideox-i2v"])
+@pytest.mark.parametrize("family", ["wan", "qwenimage", "qwenimage-edit", "chroma", "hidream", "zimage", "cogview4",
+                                    "hunyuanvideo", "cogvideox-i2v"])
 def test_partial_guidance_evaluates_only_guided_rows(family: str) -> None:
     """Sample 0 guided, sample 1 not: the unconditional call gets sample 0's row only (with its per-sample
     arguments, Qwen-Image's img_shapes and masks, cut to it; the one batched call of HiDream, Z-Image and CogVideoX
@@ -136,13 +140,22 @@ class _Recorder(CFG):
         return super().combine(cond, uncond, ctx, state, scale)
 
 
-def test_flux_kontext_guides_the_latent_tokens_only() -> None:
-    """The transformer sees 64 latent tokens and 64 reference-image tokens; the guidance gets the 64 latent ones
-    and their 16 x 16 grid, and the reference tokens' output is the conditional one."""
-    pipe = pipeline("fluxkontext")
-    recorder = _Recorder(4.0)
-    guided_latents(pipe, "fluxkontext", recorder, steps=STEPS, batch_size=2, true_cfg_scale=4.0)
-    assert recorder.seen == [((2, 64, 64), (2, 64, 64), (16, 16))] * STEPS
+@pytest.mark.parametrize(("family", "batch", "images", "channels"),
+                         [("fluxkontext", 2, 1, 64), ("qwenimage-edit", 2, 1, 16), ("qwenimage-editplus", 1, 2, 16)])
+def test_reference_image_tokens_are_not_guided(family: str, batch: int, images: int, channels: int) -> None:
+    """The transformer sees 64 latent tokens followed by 64 tokens per reference image (Flux Kontext, Qwen-Image-Edit;
+    Edit-2509 with two images); the guidance gets the 64 latent ones and their 16 x 16 grid, and the reference
+    tokens' output is the conditional one."""
+    pipe = pipeline(family)
+    recorder, inputs = _Recorder(4.0), []
+    handle = pipe.transformer.register_forward_pre_hook(lambda _m, _a, kw: inputs.append(kw["hidden_states"].shape),
+                                                        with_kwargs=True)
+    try:
+        guided_latents(pipe, family, recorder, steps=STEPS, batch_size=batch, true_cfg_scale=4.0)
+    finally:
+        handle.remove()
+    assert set(inputs) == {(batch, 64 * (1 + images), channels)}
+    assert recorder.seen == [((batch, 64, channels), (batch, 64, channels), (16, 16))] * STEPS
 
 
 def test_hidream_guides_the_velocity_its_transformer_negates() -> None:
@@ -190,10 +203,10 @@ def test_zimage_guides_the_velocity_its_transformer_negates() -> None:
     assert (cfg - expected).abs().max().item() > 1e-3
 
 
-@pytest.mark.parametrize("family", ["qwenimage", "fluxkontext", "hunyuanvideo", "hunyuanvideo-i2v"])
+@pytest.mark.parametrize("family", TRUE_CFG)
 def test_missing_negative_prompt_names_the_argument(family: str) -> None:
-    """Qwen-Image, Kontext and HunyuanVideo make their unconditional call only with a negative prompt: a guidance
-    that needs it is refused, naming the argument, before anything runs."""
+    """Qwen-Image (and its edit pipelines), Kontext and HunyuanVideo make their unconditional call only with a
+    negative prompt: a guidance that needs it is refused, naming the argument, before anything runs."""
     pipe = pipeline(family)
     with guidekit.guided(pipe, CFG(4.0)), \
             pytest.raises(ValueError, match=r"^negative_prompt=None is not accepted .*true_cfg_scale > 1"):

@@ -28,8 +28,9 @@ class Family:
         neutral_args: ``__call__`` arguments that must keep the given value under ``set_guidance`` (they would
             change which calls the pipeline makes).
         condition_tokens: the denoiser's input has image-condition tokens appended after the latent's, marked by a
-            first ``token_positions`` coordinate other than 0 (Flux Kontext); the guidance sees the latent's tokens,
-            the others pass through from the conditional prediction (the pipeline drops them).
+            first ``token_positions`` coordinate other than 0 (Flux Kontext) or following the first grid of
+            ``token_shapes`` (Qwen-Image-Edit); the guidance sees the latent's tokens, the others pass through from
+            the conditional prediction (the pipeline drops them).
         second_dim_batched: denoiser arguments whose batch is their second dimension (HiDream's per-layer Llama
             states, ``(layers, B, L, D)``).
         per_sample_lists: denoiser arguments that are Python lists with one entry per row (Qwen-Image's
@@ -110,6 +111,12 @@ FAMILIES: dict[str, Family] = {
                     Family("transformer", scale_arg="true_cfg_scale", separate_calls=True,
                            negative_args=("negative_prompt", "negative_prompt_embeds"),
                            per_sample_lists=("img_shapes",), token_shapes="img_shapes")),
+    # Qwen-Image-Edit (Edit-2509: several images per prompt; inpainting): Qwen-Image's, with the reference images'
+    # tokens appended to the latent's; img_shapes lists the latent's grid, then each image's.
+    **dict.fromkeys(("QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline"),
+                    Family("transformer", scale_arg="true_cfg_scale", separate_calls=True,
+                           negative_args=("negative_prompt", "negative_prompt_embeds"),
+                           per_sample_lists=("img_shapes",), token_shapes="img_shapes", condition_tokens=True)),
     # Lumina2: two calls; the transformer outputs the negated velocity; cfg_trunc_ratio < 1 drops the unconditional
     # call in late steps (Interval does that in sigma); cfg_normalization rescales the result after CFG.
     "Lumina2Pipeline": Family("transformer", separate_calls=True, negated_output=True,

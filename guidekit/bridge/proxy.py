@@ -244,8 +244,9 @@ class GuidedDenoiser:
             self._rows = torch.arange(b)
             self.state = self.guidance.init_state(b)
             self._latent_grid = self._grid(kwargs)
-            if self.family.condition_tokens:  # guided: the latent's tokens, the first ones
-                self._channels = int((kwargs[self.family.token_positions][..., 0] == 0).sum())
+            if self.family.condition_tokens:  # guided: the latent's tokens, the first ones, one per 2 x 2 patch
+                height, width = self._latent_grid
+                self._channels = height * width // 4
             self.stats.uncond_rows_per_sample = [0] * b
         state = self._reader(timestep)
         if not state.corrector:

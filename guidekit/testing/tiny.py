@@ -52,6 +52,8 @@ from diffusers import (
     Lumina2Transformer2DModel,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
+    QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
     SanaPipeline,
@@ -98,6 +100,8 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
     Qwen3Config,
     Qwen3Model,
     T5Config,
@@ -119,9 +123,9 @@ __all__ = [
 ]
 
 FAMILIES: tuple[str, ...] = (
-    "sd", "sd-v", "sdxl", "dit", "pixart", "sd3", "sana", "flux", "fluxkontext", "chroma", "qwenimage", "lumina2",
-    "hidream", "zimage", "cogview4", "wan", "wan22", "wan22-i2v", "hunyuanvideo", "hunyuanvideo-i2v", "ltx",
-    "cogvideox", "cogvideox-i2v",
+    "sd", "sd-v", "sdxl", "dit", "pixart", "sd3", "sana", "flux", "fluxkontext", "chroma", "qwenimage",
+    "qwenimage-edit", "qwenimage-editplus", "lumina2", "hidream", "zimage", "cogview4", "wan", "wan22", "wan22-i2v",
+    "hunyuanvideo", "hunyuanvideo-i2v", "ltx", "cogvideox", "cogvideox-i2v",
 )
 
 DEFAULT_SAMPLE_SIZE = 16
@@ -150,7 +154,8 @@ VIDEO_FAMILIES: tuple[str, ...] = ("wan", "wan22", "wan22-i2v", "hunyuanvideo", 
                                    "cogvideox", "cogvideox-i2v")
 #: Pixels per latent pixel of each family whose VAE is not the two-level AutoencoderKL.
 _PIXELS_PER_LATENT = {"wan": 8, "wan22": 8, "wan22-i2v": 8, "hunyuanvideo": 8, "hunyuanvideo-i2v": 8, "ltx": 4,
-                      "cogvideox": 8, "cogvideox-i2v": 8, "qwenimage": 4, "lumina2": 8}
+                      "cogvideox": 8, "cogvideox-i2v": 8, "qwenimage": 4, "lumina2": 8, "qwenimage-edit": 64,
+                      "qwenimage-editplus": 64}
 _CHARS = string.digits + string.ascii_letters + string.punctuation
 
 _M = TypeVar("_M", bound=nn.Module)
@@ -201,14 +206,18 @@ def tiny_call_kwargs(family: str, batch_size: int = 1, *, sample_size: int | Non
 
     Pass the ``sample_size`` used to build the pipeline. Step count, guidance scale, generator and output
     type are left to the caller; for the families whose true CFG needs one ("flux", "fluxkontext", "qwenimage",
-    "hunyuanvideo", "hunyuanvideo-i2v") a negative prompt is included so ``true_cfg_scale > 1`` works.
-    "hunyuanvideo-i2v" takes one prompt per call: its pipeline encodes the negative prompts with one black image,
-    which fails for more than one.
+    "qwenimage-edit", "qwenimage-editplus", "hunyuanvideo", "hunyuanvideo-i2v") a negative prompt is included so
+    ``true_cfg_scale > 1`` works. "hunyuanvideo-i2v" takes one prompt per call: its pipeline encodes the negative
+    prompts with one black image, which fails for more than one. "qwenimage-editplus" takes one prompt per call too
+    (its pipeline refuses more), with two reference images; "qwenimage-edit" gets one reference image per prompt.
     """
     size = _check_size(family, sample_size)
     if family == "hunyuanvideo-i2v" and batch_size != 1:
         raise ValueError(f"batch_size={batch_size} is not accepted for 'hunyuanvideo-i2v': its pipeline encodes the "
                          "negative prompts with one black image, so true CFG runs one prompt per call; expected 1")
+    if family == "qwenimage-editplus" and batch_size != 1:
+        raise ValueError(f"batch_size={batch_size} is not accepted for 'qwenimage-editplus': its pipeline runs one "
+                         "prompt per call; expected 1")
     if family == "dit":
         return {"class_labels": [1] * batch_size}
     side = size * _PIXELS_PER_LATENT.get(family, _VAE_SCALE_FACTOR)
@@ -220,8 +229,11 @@ def tiny_call_kwargs(family: str, batch_size: int = 1, *, sample_size: int | Non
     if family == "cogvideox-i2v":  # one image per prompt: the pipeline encodes each row's own
         kwargs["image"] = torch.rand((batch_size, 3, side, side), generator=torch.Generator().manual_seed(1))
     if family == "hunyuanvideo-i2v":  # a PIL image, as the pipeline's Llava image processor takes it
-        pixels = torch.rand((side, side, 3), generator=torch.Generator().manual_seed(1))
-        kwargs["image"] = Image.fromarray((pixels * 255).to(torch.uint8).numpy())
+        kwargs["image"] = _picture(side, 1)
+    if family == "qwenimage-edit":  # PIL images (the pipeline reads their size), one per prompt's image placeholder
+        kwargs["image"] = [_picture(side, 1)] * batch_size
+    if family == "qwenimage-editplus":  # two reference images for the one prompt ("Picture 1", "Picture 2")
+        kwargs["image"] = [_picture(side, 1), _picture(side, 2)]
     if family in ("pixart", "sd3", "sana", "flux", "fluxkontext", "chroma", "lumina2", "hidream", "zimage", "cogview4",
                   *VIDEO_FAMILIES):
         kwargs["max_sequence_length"] = _MAX_SEQUENCE_LENGTH
@@ -232,7 +244,8 @@ def tiny_call_kwargs(family: str, batch_size: int = 1, *, sample_size: int | Non
         kwargs["clean_caption"] = False
     if family == "sana":
         kwargs["complex_human_instruction"] = None
-    if family in ("flux", "fluxkontext", "qwenimage", "hunyuanvideo", "hunyuanvideo-i2v"):
+    if family in ("flux", "fluxkontext", "qwenimage", "qwenimage-edit", "qwenimage-editplus", "hunyuanvideo",
+                  "hunyuanvideo-i2v"):
         kwargs["negative_prompt"] = ["a blurry photo"] * batch_size
     if family == "fluxkontext":  # no resizing to Kontext's areas
         kwargs["max_area"], kwargs["_auto_resize"] = side * side, False
@@ -284,6 +297,12 @@ def _build(family: str, seed: int, sample_size: int | None) -> DiffusionPipeline
     size = _check_size(family, sample_size)
     with torch.random.fork_rng(devices=[]):
         return _BUILDERS[family](seed, size)
+
+
+def _picture(side: int, seed: int) -> Image.Image:
+    """A seeded random RGB PIL image of ``side`` x ``side`` pixels."""
+    pixels = torch.rand((side, side, 3), generator=torch.Generator().manual_seed(seed))
+    return Image.fromarray((pixels * 255).to(torch.uint8).numpy())
 
 
 def _init(seed: int, factory: Callable[..., _M], *args: Any, **kwargs: Any) -> _M:
@@ -683,13 +702,17 @@ def _llama_config(vocab: dict[str, int], layers: int, pad: str, **extra: Any) ->
                        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, **extra)
 
 
-def _qwen(seed: int) -> tuple[Qwen2Tokenizer, Qwen2_5_VLForConditionalGeneration]:
+def _qwen(seed: int, *, vision: bool = False) -> tuple[Qwen2Tokenizer, Qwen2_5_VLForConditionalGeneration]:
     """Byte-level Qwen2 tokenizer without merges (each byte a token, plus the chat and vision specials) and a
-    two-layer Qwen2.5-VL with a two-block vision tower, as Qwen-Image's text encoder."""
-    vocab = _byte_vocab(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                         "<|image_pad|>"))
+    two-layer Qwen2.5-VL with a two-block vision tower, as Qwen-Image's text encoder. With ``vision`` (the edit
+    pipelines, whose prompts hold images) the vision specials are single tokens and the vocabulary also has
+    ``<|video_pad|>``, whose count Qwen2-VL's processor checks."""
+    specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
+    video = ("<|video_pad|>",) if vision else ()
+    vocab = _byte_vocab(specials + video)
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=2048)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    single = [*specials[1:], *video] if vision else ["<|im_start|>", "<|im_end|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": single})
     config = Qwen2_5_VLConfig(
         text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
                      "num_key_value_heads": 2, "vocab_size": len(vocab), "rope_theta": 1000000.0,
@@ -697,22 +720,63 @@ def _qwen(seed: int) -> tuple[Qwen2Tokenizer, Qwen2_5_VLForConditionalGeneration
         vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
         hidden_size=16, vocab_size=len(vocab), vision_start_token_id=vocab["<|vision_start|>"],
         vision_end_token_id=vocab["<|vision_end|>"], vision_token_id=vocab["<|image_pad|>"],
-        image_token_id=vocab["<|image_pad|>"],
+        image_token_id=vocab["<|image_pad|>"], **({"video_token_id": vocab["<|video_pad|>"]} if vision else {}),
     )
     return tokenizer, _init(seed, Qwen2_5_VLForConditionalGeneration, config)
+
+
+class _ImageQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2-VL's processor with an image processor and a tokenizer only.
+
+    ``Qwen2VLProcessor`` checks each of its sub-processors against its transformers base class, the video
+    processor's too (even ``None``); without torchvision that class, ``VideoProcessorMixin``, is not exported and the
+    check fails (``VIDEO_PROCESSOR_MAPPING`` has no ``_extra_content``), whatever is passed. The sub-processors
+    checked are those the constructor names, so this one has none for video; the edit pipelines call the processor
+    with text and images only.
+    """
+
+    def __init__(self, image_processor: Qwen2VLImageProcessorPil, tokenizer: Qwen2Tokenizer) -> None:
+        super().__init__(image_processor, tokenizer)
+
+
+def _qwenimage_transformer(seed: int) -> QwenImageTransformer2DModel:
+    """Qwen-Image's MMDiT on packed 2 x 2 latents of 4 channels, two layers."""
+    return _init(seed, QwenImageTransformer2DModel, patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                 attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16, guidance_embeds=False,
+                 axes_dims_rope=(8, 4, 4))
 
 
 def _build_qwenimage(seed: int, size: int) -> QwenImagePipeline:
     """Qwen-Image layout: Qwen2.5-VL text encoder, Wan-style VAE (4x here), an MMDiT on packed 2 x 2 latents; true
     CFG in two calls with the per-token norm rescale."""
     tokenizer, text_encoder = _qwen(seed + 3)
-    transformer = _init(seed, QwenImageTransformer2DModel, patch_size=2, in_channels=16, out_channels=4, num_layers=2,
-                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16, guidance_embeds=False,
-                        axes_dims_rope=(8, 4, 4))
     vae = _init(seed + 1, AutoencoderKLQwenImage, base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
     return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
-                             tokenizer=tokenizer, transformer=transformer)
+                             tokenizer=tokenizer, transformer=_qwenimage_transformer(seed))
+
+
+def _build_qwenimage_edit(seed: int, size: int, *, plus: bool = False
+                          ) -> QwenImageEditPipeline | QwenImageEditPlusPipeline:
+    """Qwen-Image-Edit layout (``plus``: Qwen-Image-Edit-2509's, several reference images per prompt): Qwen-Image's
+    MMDiT, its input the latent's tokens followed by each reference image's; the Qwen2.5-VL encoder sees the images
+    (at most 56 x 56 pixels after its image processor, four tokens each) through :class:`_ImageQwen2VLProcessor`.
+    True CFG in two calls with the per-token norm rescale.
+
+    The pipelines resize every reference image to about 1024 x 1024 pixels whatever the requested size, so the VAE
+    here downsamples 64x (six levels, no residual blocks in the encoder): a 1024-pixel image is 16 x 16 latent pixels,
+    64 tokens.
+    """
+    tokenizer, text_encoder = _qwen(seed + 3, vision=True)
+    processor = _ImageQwen2VLProcessor(
+        Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56}), tokenizer
+    )
+    vae = _init(seed + 1, AutoencoderKLQwenImage, base_dim=4, z_dim=4, dim_mult=[1] * 7, num_res_blocks=0,
+                temperal_downsample=[False] * 6, latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    return (QwenImageEditPlusPipeline if plus else QwenImageEditPipeline)(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        processor=processor, transformer=_qwenimage_transformer(seed),
+    )
 
 
 def _build_lumina2(seed: int, size: int) -> Lumina2Pipeline:
@@ -1065,6 +1129,8 @@ _BUILDERS: dict[str, Callable[[int, int], DiffusionPipeline]] = {
     "hunyuanvideo": _build_hunyuanvideo,
     "hunyuanvideo-i2v": lambda seed, size: _build_hunyuanvideo(seed, size, image=True),
     "qwenimage": _build_qwenimage,
+    "qwenimage-edit": _build_qwenimage_edit,
+    "qwenimage-editplus": lambda seed, size: _build_qwenimage_edit(seed, size, plus=True),
     "ltx": _build_ltx,
     "cogvideox": _build_cogvideox,
     "cogvideox-i2v": lambda seed, size: _build_cogvideox(seed, size, image=True),
