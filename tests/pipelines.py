@@ -15,7 +15,7 @@ from diffusers import DiffusionPipeline
 
 import guidekit
 from guidekit.bridge.schedulers import make_scheduler
-from guidekit.testing.tiny import VIDEO_FAMILIES, build_tiny_pipeline, tiny_call_kwargs
+from guidekit.testing.tiny import VIDEO_FAMILIES, build_tiny_pipeline, random_picture, tiny_call_kwargs
 
 VP_FAMILIES = ("sd", "sd-v", "sdxl", "dit", "pixart")
 FLOW_FAMILIES = ("sd3", "sana")
@@ -120,31 +120,23 @@ def forward_replaced(module: torch.nn.Module, forward: Any) -> Iterator[None]:
         del module.forward
 
 
-def _picture(side: int, seed: int) -> Any:
-    """A seeded random RGB picture (PIL) of ``side`` pixels."""
-    import numpy as np
-    from PIL import Image
-
-    return Image.fromarray((np.random.RandomState(seed).rand(side, side, 3) * 255).astype("uint8"))
-
-
 #: Image- and video-conditioned variants of the tiny families: class name -> (family whose components it takes,
 #: the extra call arguments at a pixel side).
 VARIANTS: dict[str, tuple[str, Any]] = {
-    "FluxImg2ImgPipeline": ("flux", lambda s: {"image": _picture(s, 1), "strength": 0.8}),
-    "FluxInpaintPipeline": ("flux", lambda s: {"image": _picture(s, 1), "mask_image": _picture(s, 2),
+    "FluxImg2ImgPipeline": ("flux", lambda s: {"image": random_picture(s, 1), "strength": 0.8}),
+    "FluxInpaintPipeline": ("flux", lambda s: {"image": random_picture(s, 1), "mask_image": random_picture(s, 2),
                                                "strength": 0.8}),
-    "ChromaImg2ImgPipeline": ("chroma", lambda s: {"image": _picture(s, 1), "strength": 0.8}),
-    "QwenImageImg2ImgPipeline": ("qwenimage", lambda s: {"image": _picture(s, 1), "strength": 0.8}),
-    "QwenImageInpaintPipeline": ("qwenimage", lambda s: {"image": _picture(s, 1), "mask_image": _picture(s, 2),
-                                                         "strength": 0.8}),
+    "ChromaImg2ImgPipeline": ("chroma", lambda s: {"image": random_picture(s, 1), "strength": 0.8}),
+    "QwenImageImg2ImgPipeline": ("qwenimage", lambda s: {"image": random_picture(s, 1), "strength": 0.8}),
+    "QwenImageInpaintPipeline": ("qwenimage", lambda s: {"image": random_picture(s, 1),
+                                                         "mask_image": random_picture(s, 2), "strength": 0.8}),
     # one reference image per prompt, as the processor pairs them with the prompts' image placeholders
-    "QwenImageEditInpaintPipeline": ("qwenimage-edit", lambda s: {"image": [_picture(s, 1)] * 2,
-                                                                  "mask_image": _picture(s, 2), "strength": 0.8}),
-    "WanVideoToVideoPipeline": ("wan", lambda s: {"video": [_picture(s, i) for i in range(9)], "strength": 0.8}),
-    "CogVideoXVideoToVideoPipeline": ("cogvideox", lambda s: {"video": [_picture(s, i) for i in range(9)],
+    "QwenImageEditInpaintPipeline": ("qwenimage-edit", lambda s: {"image": [random_picture(s, 1)] * 2,
+                                                                  "mask_image": random_picture(s, 2), "strength": 0.8}),
+    "WanVideoToVideoPipeline": ("wan", lambda s: {"video": [random_picture(s, i) for i in range(9)], "strength": 0.8}),
+    "CogVideoXVideoToVideoPipeline": ("cogvideox", lambda s: {"video": [random_picture(s, i) for i in range(9)],
                                                               "strength": 0.8}),
-    "LTXImageToVideoPipeline": ("ltx", lambda s: {"image": _picture(s, 1)}),
+    "LTXImageToVideoPipeline": ("ltx", lambda s: {"image": random_picture(s, 1)}),
 }
 
 

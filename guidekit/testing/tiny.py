@@ -119,6 +119,7 @@ __all__ = [
     "build_sd15_architecture_pipeline",
     "build_tiny_controlnet_pipeline",
     "build_tiny_pipeline",
+    "random_picture",
     "tiny_call_kwargs",
 ]
 
@@ -229,11 +230,11 @@ def tiny_call_kwargs(family: str, batch_size: int = 1, *, sample_size: int | Non
     if family == "cogvideox-i2v":  # one image per prompt: the pipeline encodes each row's own
         kwargs["image"] = torch.rand((batch_size, 3, side, side), generator=torch.Generator().manual_seed(1))
     if family == "hunyuanvideo-i2v":  # a PIL image, as the pipeline's Llava image processor takes it
-        kwargs["image"] = _picture(side, 1)
+        kwargs["image"] = random_picture(side, 1)
     if family == "qwenimage-edit":  # PIL images (the pipeline reads their size), one per prompt's image placeholder
-        kwargs["image"] = [_picture(side, 1)] * batch_size
+        kwargs["image"] = [random_picture(side, 1)] * batch_size
     if family == "qwenimage-editplus":  # two reference images for the one prompt ("Picture 1", "Picture 2")
-        kwargs["image"] = [_picture(side, 1), _picture(side, 2)]
+        kwargs["image"] = [random_picture(side, 1), random_picture(side, 2)]
     if family in ("pixart", "sd3", "sana", "flux", "fluxkontext", "chroma", "lumina2", "hidream", "zimage", "cogview4",
                   *VIDEO_FAMILIES):
         kwargs["max_sequence_length"] = _MAX_SEQUENCE_LENGTH
@@ -299,8 +300,9 @@ def _build(family: str, seed: int, sample_size: int | None) -> DiffusionPipeline
         return _BUILDERS[family](seed, size)
 
 
-def _picture(side: int, seed: int) -> Image.Image:
-    """A seeded random RGB PIL image of ``side`` x ``side`` pixels."""
+def random_picture(side: int, seed: int) -> Image.Image:
+    """A seeded random RGB PIL image of ``side`` x ``side`` pixels (the image inputs of the tiny pipelines and their
+    variants)."""
     pixels = torch.rand((side, side, 3), generator=torch.Generator().manual_seed(seed))
     return Image.fromarray((pixels * 255).to(torch.uint8).numpy())
 
