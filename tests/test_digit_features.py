@@ -39,6 +39,20 @@ def test_the_classifier_reads_the_digit_better_than_the_model_cards_baseline(net
     assert identity["weights_sha256"] == file_sha256(WEIGHTS) and identity["dim"] == DIM
 
 
+def test_the_feature_is_the_hidden_layers_direction(network: DigitFeatures) -> None:
+    """Computed here from the classifier's own layers: the features are the hidden layer before its ReLU scaled to
+    length sqrt(64), the logits the head on that layer's ReLU; the raw ReLU output differs from the features."""
+    images = coloured_digits("test", torch.Generator().manual_seed(5))[0][:64]
+    out = network(images)
+    x = images.float() / 255
+    net = network.net
+    hidden = net.body[6](net.body[5](net.body[4](net.body[3](net.body[2](net.body[1](net.body[0](x)))))))
+    expected = hidden / hidden.norm(dim=1, keepdim=True) * 8.0
+    assert torch.allclose(out.features, expected, atol=1e-5)
+    assert torch.allclose(out.logits, net.head(torch.clamp(hidden, min=0)), atol=1e-5)
+    assert not torch.allclose(out.features, net(x), atol=1e-2)
+
+
 def test_frechet_distance_separates_real_from_shuffled_and_noise(network: DigitFeatures) -> None:
     """FD of the held-out digits against the training digits (other colours) is small; against the same held-out
     images with their pixels shuffled, or against uniform noise, it is over 20 times larger (both are far from
