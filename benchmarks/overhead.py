@@ -4,15 +4,19 @@
     python benchmarks/overhead.py --model sd15 --steps 30 --device cuda   # SD1.5 architecture, fp16, 512x512
 
 Runs are interleaved (the order rotates every round). Two figures: the ratio of the median wall times, and the
-median over rounds of guided / native within the round (less sensitive to drift of a shared machine). A third
-does not depend on the network's speed at all: the time spent inside guidekit's denoiser proxy outside the network's
-forward, per denoiser call (``GuidedDenoiser.__call__`` minus its forwards, clocked during the guided runs), and the
-ratio it implies, ``1 + proxy time per pipeline call / native median``. The pipeline's own combination of the
-``[g; g]`` the proxy returns costs what its native combination costs, so the proxy time is what guidekit adds.
+median over rounds of guided / native within the round (less sensitive to drift of a shared machine). A control
+times the native call a second time in every round: its paired ratio to the first native call would be 1 on a
+steady machine, so its distance from 1 is the wall-time noise the other ratios carry (this project's 2-core VM
+changes speed by a quarter every few seconds).
 
-``--stub-network`` replaces the denoiser by the output of its first call (the network then costs nothing), which
-isolates the proxy's own time from the network's speed and cache effects; the wall-time ratios are then not
-meaningful.
+Two figures do not depend on the network's speed. The time spent inside guidekit's denoiser proxy outside the
+network's forward, per denoiser call (``GuidedDenoiser.call`` minus its forwards, clocked during the guided runs).
+And everything guidekit adds to a pipeline call (attaching, the proxy, the finite check, detaching): the pipeline's
+denoisers are then replaced by the output of their first call, so the network costs nothing, and native and guided
+calls are timed again, interleaved; the median of the paired differences is the added time, and ``1 + added /
+native median`` the ratio it implies for the real pipeline.
+
+``--stub-network`` stubs the network for the wall-time runs too (their ratios are then not meaningful).
 """
 
 from __future__ import annotations
@@ -81,12 +85,14 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"steps {args.steps}, repeats {args.repeats}, CFG weight {args.scale}, batch {args.batch}\n")
     print("| model | scheduler | native (ms) | set_guidance(CFG) (ms) | ratio of medians | median of paired ratios | "
-          "proxy per denoiser call (us) | implied ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+          "control: native again, paired | proxy per denoiser call (us) | added per pipeline call, network stubbed "
+          "(ms) | implied ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for model in args.model:
         pipe, call = load(model, args.device, args.batch)
-        scale_arg = family_of_class(type(pipe)).scale_arg
-        call = {**call, "num_inference_steps": args.steps, scale_arg: args.scale, "output_type": output_type(model)}
+        family = family_of_class(type(pipe))  # the pipeline's scale argument that means weight args.scale
+        call = {**call, "num_inference_steps": args.steps, family.scale_arg: args.scale - family.scale_offset,
+                "output_type": output_type(model)}
         guidance = guidekit.CFG(args.scale)
         if args.stub_network:
             stub_network(pipe, call, args.device)
@@ -103,13 +109,19 @@ def main() -> None:
 
         native(), guided()  # warm-up
         with proxy_clock() as clock:
-            times = interleaved({"native": native, "guided": guided}, args.repeats, args.device)
+            times = interleaved({"native": native, "guided": guided, "control": native}, args.repeats, args.device)
         n, g = median(times["native"]), median(times["guided"])
-        pairs = median([b / a for a, b in zip(times["native"], times["guided"], strict=True)])
+        pairs, control = (median([b / a for a, b in zip(times["native"], times[name], strict=True)])
+                          for name in ("guided", "control"))
         per_call = (clock["proxy"] - clock["forward"]) / clock["calls"]
-        implied = 1 + per_call * clock["calls"] / args.repeats / n
+        if not args.stub_network:
+            stub_network(pipe, call, args.device)
+            native(), guided()
+        stubbed = interleaved({"native": native, "guided": guided}, args.repeats, args.device)
+        added = median([b - a for a, b in zip(stubbed["native"], stubbed["guided"], strict=True)])
         print(f"| {model} | {type(pipe.scheduler).__name__} | {n * 1e3:.1f} | {g * 1e3:.1f} | {g / n:.3f} | "
-              f"{pairs:.3f} | {per_call * 1e6:.0f} | {implied:.3f} |", flush=True)
+              f"{pairs:.3f} | {control:.3f} | {per_call * 1e6:.0f} | {added * 1e3:.2f} | {1 + added / n:.3f} |",
+              flush=True)
 
 
 if __name__ == "__main__":
