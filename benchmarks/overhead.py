@@ -7,7 +7,9 @@ Runs are interleaved (the order rotates every round). Two figures: the ratio of 
 median over rounds of guided / native within the round (less sensitive to drift of a shared machine). A control
 times the native call a second time in every round: its paired ratio to the first native call would be 1 on a
 steady machine, so its distance from 1 is the wall-time noise the other ratios carry (this project's 2-core VM
-changes speed by a quarter every few seconds).
+changes speed by a quarter every few seconds). The denoisers' forwards are clocked in every run as well: their
+paired ratio, guided to native, shows whether the network itself runs slower in the guided calls (on the
+smallest networks, Python work between forwards evicts them from the CPU caches).
 
 Two figures do not depend on the network's speed. The time spent inside guidekit's denoiser proxy outside the
 network's forward, per denoiser call (``GuidedDenoiser.call`` minus its forwards, clocked during the guided runs).
@@ -61,6 +63,43 @@ def proxy_clock() -> Iterator[dict[str, float]]:
         GuidedDenoiser.call, GuidedDenoiser._forward = call, forward  # type: ignore[method-assign]
 
 
+@contextmanager
+def network_clock(pipe: object) -> Iterator[dict[str, float]]:
+    """Clock the forward of the pipeline's denoisers (every expert's), native or guided, for the block: seconds."""
+    clock = {"seconds": 0.0}
+    family = family_of_class(type(pipe))
+    classes = {type(getattr(pipe, name)) for name in (family.denoiser, *family.experts) if getattr(pipe, name, None)}
+    saved = {cls: cls.forward for cls in classes}
+
+    def timed(forward: Callable[..., object]) -> Callable[..., object]:
+        def run(self: object, *args: object, **kwargs: object) -> object:
+            start = time.perf_counter()
+            try:
+                return forward(self, *args, **kwargs)
+            finally:
+                clock["seconds"] += time.perf_counter() - start
+
+        return run
+
+    for cls, forward in saved.items():
+        cls.forward = timed(forward)
+    try:
+        yield clock
+    finally:
+        for cls, forward in saved.items():
+            cls.forward = forward
+
+
+def clocked(run: Callable[[], None], net: dict[str, float], into: list[float]) -> Callable[[], None]:
+    """``run``, appending to ``into`` the seconds its network forwards took (read from ``net``)."""
+    def timed() -> None:
+        start = net["seconds"]
+        run()
+        into.append(net["seconds"] - start)
+
+    return timed
+
+
 def stub_network(pipe: object, call: dict, device: str) -> None:
     """Make the pipeline's denoisers (each expert's) return the output of their first call, whatever the inputs."""
     family = family_of_class(type(pipe))
@@ -85,9 +124,9 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"steps {args.steps}, repeats {args.repeats}, CFG weight {args.scale}, batch {args.batch}\n")
     print("| model | scheduler | native (ms) | set_guidance(CFG) (ms) | ratio of medians | median of paired ratios | "
-          "control: native again, paired | proxy per denoiser call (us) | added per pipeline call, network stubbed "
-          "(ms) | implied ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "control: native again, paired | network forwards, guided / native, paired | proxy per denoiser call (us) "
+          "| added per pipeline call, network stubbed (ms) | implied ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for model in args.model:
         pipe, call = load(model, args.device, args.batch)
         family = family_of_class(type(pipe))  # the pipeline's scale argument that means weight args.scale
@@ -108,11 +147,14 @@ def main() -> None:
                 pipe.set_guidance(None)
 
         native(), guided()  # warm-up
-        with proxy_clock() as clock:
-            times = interleaved({"native": native, "guided": guided, "control": native}, args.repeats, args.device)
+        forwards: dict[str, list[float]] = {"native": [], "guided": [], "control": []}
+        with proxy_clock() as clock, network_clock(pipe) as net:
+            runs = {"native": native, "guided": guided, "control": native}
+            times = interleaved({name: clocked(run, net, forwards[name]) for name, run in runs.items()},
+                                args.repeats, args.device)
         n, g = median(times["native"]), median(times["guided"])
-        pairs, control = (median([b / a for a, b in zip(times["native"], times[name], strict=True)])
-                          for name in ("guided", "control"))
+        pairs, control, forward = (median([b / a for a, b in zip(series["native"], series[name], strict=True)])
+                                   for series, name in ((times, "guided"), (times, "control"), (forwards, "guided")))
         per_call = (clock["proxy"] - clock["forward"]) / clock["calls"]
         if not args.stub_network:
             stub_network(pipe, call, args.device)
@@ -120,8 +162,8 @@ def main() -> None:
         stubbed = interleaved({"native": native, "guided": guided}, args.repeats, args.device)
         added = median([b - a for a, b in zip(stubbed["native"], stubbed["guided"], strict=True)])
         print(f"| {model} | {type(pipe.scheduler).__name__} | {n * 1e3:.1f} | {g * 1e3:.1f} | {g / n:.3f} | "
-              f"{pairs:.3f} | {control:.3f} | {per_call * 1e6:.0f} | {added * 1e3:.2f} | {1 + added / n:.3f} |",
-              flush=True)
+              f"{pairs:.3f} | {control:.3f} | {forward:.3f} | {per_call * 1e6:.0f} | {added * 1e3:.2f} | "
+              f"{1 + added / n:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
