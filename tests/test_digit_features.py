@@ -45,7 +45,7 @@ def test_the_feature_is_the_hidden_layers_direction(network: DigitFeatures) -> N
     images = coloured_digits("test", torch.Generator().manual_seed(5))[0][:64]
     out = network(images)
     x = images.float() / 255
-    net = network.net
+    net = network.module
     hidden = net.body[6](net.body[5](net.body[4](net.body[3](net.body[2](net.body[1](net.body[0](x)))))))
     expected = hidden / hidden.norm(dim=1, keepdim=True) * 8.0
     assert torch.allclose(out.features, expected, atol=1e-5)

