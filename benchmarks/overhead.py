@@ -37,25 +37,28 @@ from guidekit.bridge.proxy import GuidedDenoiser
 from guidekit.testing.tiny import FAMILIES
 
 
+def timed(fn: Callable[..., object], clock: dict[str, float], key: str, counts: str | None = None
+          ) -> Callable[..., object]:
+    """The method ``fn``, adding the seconds of each call to ``clock[key]`` (and 1 to ``clock[counts]``)."""
+    def run(self: object, *args: object, **kwargs: object) -> object:
+        start = time.perf_counter()
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            clock[key] += time.perf_counter() - start
+            if counts is not None:
+                clock[counts] += 1
+
+    return run
+
+
 @contextmanager
 def proxy_clock() -> Iterator[dict[str, float]]:
     """Clock ``GuidedDenoiser.call`` (every denoiser call, of every expert) and the forwards it makes, for the
     block: seconds and calls."""
     clock = {"proxy": 0.0, "forward": 0.0, "calls": 0}
     call, forward = GuidedDenoiser.call, GuidedDenoiser._forward
-
-    def timed(fn: Callable[..., object], key: str, counts: bool) -> Callable[..., object]:
-        def run(self: GuidedDenoiser, *args: object, **kwargs: object) -> object:
-            start = time.perf_counter()
-            try:
-                return fn(self, *args, **kwargs)
-            finally:
-                clock[key] += time.perf_counter() - start
-                clock["calls"] += counts
-
-        return run
-
-    timed_call, timed_forward = timed(call, "proxy", True), timed(forward, "forward", False)
+    timed_call, timed_forward = timed(call, clock, "proxy", "calls"), timed(forward, clock, "forward")
     GuidedDenoiser.call, GuidedDenoiser._forward = timed_call, timed_forward  # type: ignore[method-assign]
     try:
         yield clock
@@ -70,19 +73,8 @@ def network_clock(pipe: object) -> Iterator[dict[str, float]]:
     family = family_of_class(type(pipe))
     classes = {type(getattr(pipe, name)) for name in (family.denoiser, *family.experts) if getattr(pipe, name, None)}
     saved = {cls: cls.forward for cls in classes}
-
-    def timed(forward: Callable[..., object]) -> Callable[..., object]:
-        def run(self: object, *args: object, **kwargs: object) -> object:
-            start = time.perf_counter()
-            try:
-                return forward(self, *args, **kwargs)
-            finally:
-                clock["seconds"] += time.perf_counter() - start
-
-        return run
-
     for cls, forward in saved.items():
-        cls.forward = timed(forward)
+        cls.forward = timed(forward, clock, "seconds")
     try:
         yield clock
     finally:
@@ -98,6 +90,11 @@ def clocked(run: Callable[[], None], net: dict[str, float], into: list[float]) -
         into.append(net["seconds"] - start)
 
     return timed
+
+
+def paired(times: dict[str, list[float]], name: str) -> float:
+    """The median over rounds of run ``name``'s time over the native run's in the same round."""
+    return median([b / a for a, b in zip(times["native"], times[name], strict=True)])
 
 
 def stub_network(pipe: object, call: dict, device: str) -> None:
@@ -153,13 +150,15 @@ def main() -> None:
             times = interleaved({name: clocked(run, net, forwards[name]) for name, run in runs.items()},
                                 args.repeats, args.device)
         n, g = median(times["native"]), median(times["guided"])
-        pairs, control, forward = (median([b / a for a, b in zip(series["native"], series[name], strict=True)])
-                                   for series, name in ((times, "guided"), (times, "control"), (forwards, "guided")))
+        pairs, control = paired(times, "guided"), paired(times, "control")
+        forward = paired(forwards, "guided") if all(forwards["native"]) else float("nan")  # none when stubbed
         per_call = (clock["proxy"] - clock["forward"]) / clock["calls"]
-        if not args.stub_network:
+        if args.stub_network:  # the runs above already had the network stubbed
+            stubbed = times
+        else:
             stub_network(pipe, call, args.device)
             native(), guided()
-        stubbed = interleaved({"native": native, "guided": guided}, args.repeats, args.device)
+            stubbed = interleaved({"native": native, "guided": guided}, args.repeats, args.device)
         added = median([b - a for a, b in zip(stubbed["native"], stubbed["guided"], strict=True)])
         print(f"| {model} | {type(pipe.scheduler).__name__} | {n * 1e3:.1f} | {g * 1e3:.1f} | {g / n:.3f} | "
               f"{pairs:.3f} | {control:.3f} | {forward:.3f} | {per_call * 1e6:.0f} | {added * 1e3:.2f} | "

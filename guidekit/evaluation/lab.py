@@ -233,7 +233,7 @@ def digit_floor(n: int, draws: int = 3) -> str:
     standard deviation over ``draws`` seeded draws without replacement. One line for the tables."""
     from guidekit.app.digits import coloured_digits
     from guidekit.evaluation.digit_features import DigitFeatures
-    from guidekit.evaluation.frechet import frechet_distance
+    from guidekit.evaluation.frechet import frechet_distance, gaussian_statistics
     from guidekit.evaluation.reference import reference_from_source
 
     network = DigitFeatures()
@@ -241,7 +241,7 @@ def digit_floor(n: int, draws: int = 3) -> str:
     train = network(coloured_digits("train", torch.Generator().manual_seed(0))[0]).features.double().numpy()
 
     def fd(x: np.ndarray) -> float:
-        return frechet_distance(x.mean(0), np.cov(x, rowvar=False), reference.mu, reference.sigma)
+        return frechet_distance(*gaussian_statistics(x), reference.mu, reference.sigma)
 
     line = f"FD {fd(train):.3f} with all {len(train)}"
     if n < len(train):
