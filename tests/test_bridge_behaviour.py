@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from pipelines import (
@@ -12,9 +14,11 @@ from pipelines import (
     final_latents,
     guided_latents,
     pipeline,
+    scheduler,
 )
 
 import guidekit
+from guidekit.bridge.proxy import GuidedDenoiser
 from guidekit.bridge.schedulers import make_scheduler
 
 
@@ -46,6 +50,33 @@ def test_covering_interval_is_cfg(family: str) -> None:
                          batch_size=2)
     assert stats.uncond_rows == stats.cond_rows
     assert (out - native).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize(("family", "scheduler_name"), [("sd", None), ("sd", "heun"), ("dit", None), ("sd3", None)])
+def test_cfg_hands_the_pipeline_batch_through_as_the_per_call_path_would(family: str, scheduler_name: str | None,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain CFG at the pipeline's weight is planned once: after the first call the proxy hands the pipeline's batch
+    to the network and back without asking the guidance. Interval(CFG) over every sigma asks at each call and comes
+    to the same plan. Both leave the combination to the pipeline: the native latents bitwise, the same stats."""
+    steady: list[int] = []
+    original = GuidedDenoiser._steady_call
+    monkeypatch.setattr(GuidedDenoiser, "_steady_call", lambda self, a, k: steady.append(1) or original(self, a, k))
+    pipe = pipeline(family)
+    saved = pipe.scheduler
+    if scheduler_name is not None:
+        pipe.scheduler = scheduler(pipe, scheduler_name)
+    try:
+        native = final_latents(pipe, family, guidance_scale=5.0, batch_size=2)
+        out, stats = _guided(pipe, guidekit.CFG(5.0), family, guidance_scale=5.0, batch_size=2)
+        calls = len(steady)
+        per_call, per_call_stats = _guided(pipe, guidekit.Interval(guidekit.CFG(5.0), 0.0, float("inf")), family,
+                                           guidance_scale=5.0, batch_size=2)
+    finally:
+        pipe.scheduler = saved
+    assert calls == len(stats.steps) - 1 > 0 and len(steady) == calls  # every call but the first; never Interval
+    assert torch.equal(out, native) and torch.equal(per_call, native)
+    assert dataclasses.asdict(stats) == dataclasses.asdict(per_call_stats)
+    assert stats.uncond_rows_per_sample == [len(stats.steps)] * 2
 
 
 def test_interval_under_heun_follows_the_per_step_rule() -> None:

@@ -134,6 +134,26 @@ def test_weighted_guidance_at_one_needs_no_unconditional() -> None:
         assert not g.needs_unconditional(make_context(x)).any()
 
 
+def test_constant_cfg_weight_is_what_cfg_asks_and_weighs_at_every_call() -> None:
+    """Plain CFG declares its weight constant (the bridge then skips asking at each call): at every noise level and
+    step, every sample needs the unconditional pass and ``cfg_weight`` is that weight. Everything that decides per
+    call, per sample or reshapes the combination declares nothing."""
+    g = CFG(5.0)
+    assert g.constant_cfg_weight() == 5.0
+    for step, sigma in enumerate([0.0, 0.03, 1.0, 14.6, float("inf")]):
+        ctx = make_context(torch.zeros(3, 4, 8, 8), sigma=sigma, step=step)
+        assert g.needs(ctx, None)[UNCOND].tolist() == [True] * 3
+        assert g.cfg_weight(ctx, None) == 5.0
+
+    class PerSample(CFG):  # chooses its samples itself
+        def needs_unconditional(self, ctx, state=None, scale=None):
+            return torch.arange(ctx.rows.shape[0]) == 0
+
+    for other in (CFG(1.0), CFG(5.0, rescale=0.7), PerSample(5.0), Interval(CFG(5.0), 0.0, float("inf")),
+                  Scheduled(CFG(5.0), "linear"), APG(5.0), CFGZeroStar(5.0), AdaptiveGuidance(CFG(5.0))):
+        assert other.constant_cfg_weight() is None, other
+
+
 def test_interval_decides_on_step_sigma() -> None:
     x, c, u = _pair()
     g = Interval(CFG(3), sigma_lo=0.5, sigma_hi=2.0)

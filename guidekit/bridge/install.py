@@ -57,12 +57,18 @@ _SUPPORTED_PASSES = frozenset({UNCOND})
 
 def brings_sampler(guidance: Guidance) -> bool:
     """Whether ``set_guidance`` swaps the pipeline's scheduler for a sampler of the guidance's own (PCG, CFG++)."""
-    return isinstance(guidance, BringsSampler)
+    return _brings_sampler(type(guidance))
+
+
+@functools.cache
+def _brings_sampler(cls: type) -> bool:
+    """:func:`brings_sampler` of a guidance class (the protocol's check is slow; its answer depends on the class)."""
+    return issubclass(cls, BringsSampler)
 
 
 def _own_sampler(guidance: Guidance, scheduler: Any) -> Any | None:
     """The scheduler a guidance brings with it, built from the pipeline's ``scheduler`` config, or ``None``."""
-    if not isinstance(guidance, BringsSampler):
+    if not brings_sampler(guidance):
         return None
     if _is_flow(scheduler):
         raise ValueError(f"guidance {guidance!r} is not accepted on a flow-matching pipeline (scheduler "
@@ -87,10 +93,12 @@ def _guided_class(cls: type) -> type:
 def _make_guided_class(cls: type) -> type:
     original_call = cls.__call__
     family, signature = family_of_class(cls), inspect.signature(original_call)
+    defaults = {name: p.default for name, p in signature.parameters.items() if p.default is not p.empty}
 
     @functools.wraps(original_call)
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return _guided_call(self, original_call, signature.bind(self, *args, **kwargs), family)
+        arguments = {**defaults, **signature.bind(self, *args, **kwargs).arguments}
+        return _guided_call(self, original_call, args, kwargs, arguments, family)
 
     return type(cls.__name__, (cls,), {
         "__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
@@ -234,20 +242,21 @@ def _check_call(pipe: DiffusionPipeline, family: Family, guidance: Guidance,
     return batched
 
 
-def _guided_call(pipe: DiffusionPipeline, original_call: Any, bound: inspect.BoundArguments, family: Family) -> Any:
+def _guided_call(pipe: DiffusionPipeline, original_call: Any, args: tuple, kwargs: dict, arguments: dict[str, Any],
+                 family: Family) -> Any:
+    """One call of a guided pipeline: ``original_call(pipe, *args, **kwargs)``, whose ``arguments`` by name (the
+    defaults included) are validated first."""
     guidance: Guidance = pipe.__dict__["_guidekit_guidance"]
-    args, kwargs = bound.args[1:], bound.kwargs
-    bound.apply_defaults()
-    batched = _check_call(pipe, family, guidance, bound.arguments)
+    batched = _check_call(pipe, family, guidance, arguments)
     denoiser = getattr(pipe, family.denoiser)
-    scale = family.weight(bound.arguments.get(family.scale_arg)) or 1.0
+    scale = family.weight(arguments.get(family.scale_arg)) or 1.0
     proxy = GuidedDenoiser(denoiser.forward, guidance, family, pipe.scheduler, batched, scale,
                            compiled=is_compiled(denoiser))
     stand_ins = {denoiser: proxy}
     for name, scale_arg in zip(family.experts, family.expert_scale_args, strict=True):
         expert = getattr(pipe, name, None)
         if expert is not None:
-            expert_scale = bound.arguments.get(scale_arg)
+            expert_scale = arguments.get(scale_arg)
             stand_ins[expert] = proxy.expert(expert.forward, scale if expert_scale is None else float(expert_scale))
     saved = {module: module.__dict__.get("forward") for module in stand_ins}
     for module, stand_in in stand_ins.items():
@@ -263,7 +272,7 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, bound: inspect.Bou
                         perturbation_processors(module, proxy.shared.perturbation))  # type: ignore[arg-type]
             change = guidance.conditional_change()
             if isinstance(change, NegativePromptAttention):
-                proxy.nag = perturbing.enter_context(nag_runner(pipe, denoiser, change, bound.arguments))
+                proxy.nag = perturbing.enter_context(nag_runner(pipe, denoiser, change, arguments))
             output = original_call(pipe, *args, **kwargs)
     finally:
         for module, forward in saved.items():

@@ -5,7 +5,8 @@ that call: it holds the guidance's per-call state, so a guidance object shared b
 written. For each denoiser call it reads the scheduler's state, asks the guidance which passes each sample needs,
 runs the wrapped forward on the conditional rows plus the unconditional rows that are needed only, combines
 them, and hands the pipeline ``[g; g]``. The pipeline's own CFG, ``u + s (c - u)``, then returns exactly ``g``
-whatever its ``guidance_scale``.
+whatever its ``guidance_scale``. A guidance that is plain CFG at every call, at the pipeline's own weight, is asked
+at the first call only: every later call passes the pipeline's batch through (:meth:`GuidedDenoiser._steady_call`).
 
 When the denoiser is compiled, every forward is handed to it with the batch dimension of its tensors marked
 dynamic and compiled size-obliviously (see :func:`mark_batch_dynamic`), so one graph serves every number of rows
@@ -28,7 +29,7 @@ import torch
 from guidekit.bridge.families import Family
 from guidekit.bridge.nag import NAGRunner
 from guidekit.bridge.perturb import skipped_blocks
-from guidekit.bridge.schedulers import SchedulerReader, model_space
+from guidekit.bridge.schedulers import SchedulerCall, SchedulerReader, model_space
 from guidekit.guidance.base import (
     COND,
     UNCOND,
@@ -201,7 +202,10 @@ class GuidedDenoiser:
         # and the predictions of the passes computed with it.
         self._pending: tuple[GuidanceContext, PassMasks, torch.Tensor, Any, dict[Pass, torch.Tensor]] | None = None
         # A sampler that renoises with the unconditional prediction (CFG++) receives it at every call.
-        self._receiver = scheduler if isinstance(scheduler, TakesUnconditional) else None
+        self._receiver = scheduler if _takes_unconditional(type(scheduler)) else None
+        # Set at the first call for a guidance that is plain CFG at every call (``constant_cfg_weight``) where the
+        # pipeline's batch needs nothing else: its weight, and the number of samples.
+        self._steady: tuple[float, int] | None = None
         #: The perturbed passes the guidance may ask for (set by the bridge for the pipeline call; see
         #: :mod:`guidekit.bridge.perturb`): at most one changes attention and shares the main forward, its rows last,
         #: run by ``processors``; the others (skipped layers, another network) run as forwards of their own.
@@ -232,6 +236,8 @@ class GuidedDenoiser:
             raise RuntimeError(f"guidekit expected the unconditional call of denoiser {self._expert}, got a call "
                                f"of denoiser {expert}")
         self._expert = expert
+        if self._steady is not None and self._steady[0] == self.scales[expert]:
+            return self._steady_call(args, kwargs)
         if self.family.separate_calls and self.batched:
             return self._separate_call(args, kwargs)
         return self._batched_call(args, kwargs)
@@ -248,9 +254,8 @@ class GuidedDenoiser:
                 height, width = self._latent_grid
                 self._channels = height * width // 4
             self.stats.uncond_rows_per_sample = [0] * b
-        state = self._reader(timestep)
-        if not state.corrector:
-            self._step_sigma, self._tau = state.level.sigma, state.tau
+            self._steady = self._steady_plan(b)
+        state = self._read(timestep)
         if self._channels is not None and sample.shape[self._dim] != self._channels:
             sample = sample.narrow(self._dim, 0, self._channels)
         ctx = GuidanceContext(x=sample, level=state.level, model_space=self._space, step=state.step,
@@ -261,6 +266,38 @@ class GuidedDenoiser:
         if not self.batched or UNCOND not in masks:
             masks[UNCOND] = constant_mask(b, False)
         return ctx, masks
+
+    def _read(self, timestep: Any) -> SchedulerCall:
+        """The scheduler's state at this call; a predictor call also sets the step's sigma and time."""
+        state = self._reader(timestep)  # type: ignore[misc]
+        if not state.corrector:
+            self._step_sigma, self._tau = state.level.sigma, state.tau
+        return state
+
+    def _steady_plan(self, b: int) -> tuple[float, int] | None:
+        """The weight of every call, and the ``b`` samples, where the guidance is plain CFG at every call
+        (:meth:`~guidekit.guidance.base.Guidance.constant_cfg_weight`) and nothing else joins the pipeline's own
+        batch: no separate calls, no sampler that takes the unconditional prediction, no perturbed pass or NAG."""
+        weight = self.guidance.constant_cfg_weight()
+        if weight is None or abs(weight) > _MAX_PIPELINE_WEIGHT or not self.batched or self.family.separate_calls \
+                or self._receiver is not None or self.nag is not None or self.shared is not None or self.own:
+            return None
+        return weight, b
+
+    def _steady_call(self, args: tuple, kwargs: dict) -> Any:
+        """A call whose guided prediction is the pipeline's own CFG at its own weight (:meth:`_steady_plan`): the
+        pipeline's batch goes to the network and its output back unchanged; only the stats and the finite check
+        record it."""
+        sample, timestep = _sample_and_timestep(args, kwargs)
+        if sample.shape[0] % 2:
+            raise RuntimeError(f"guidekit expected a CFG batch of even size, got {sample.shape[0]} rows")
+        state = self._read(timestep)
+        result = self._forward(*args, **kwargs)
+        b = self._steady[1]  # type: ignore[index]
+        self._add_step(b, {COND.name: b, UNCOND.name: b}, None)
+        out = _output_tensor(result)
+        self._finite.append((state.step, state.level, out.sum(dtype=_SUM_DTYPES.get(out.dtype))))
+        return result
 
     def _grid(self, kwargs: dict) -> tuple[int, int] | None:
         """The unpacked latent's ``(height, width)`` for a denoiser of packed 2 x 2 tokens, from their positions."""
@@ -544,28 +581,36 @@ class GuidedDenoiser:
         return _with_output(result, _output_tensor(result)[:1]) if single else result
 
     def _count(self, masks: PassMasks) -> None:
-        """Rows computed and skipped per pass. Skipped: unconditional rows when the pipeline batches them, and
-        perturbed rows the guidance may ask for (native PAG computes them at every call)."""
-        s = self.stats
-        guided = masks[UNCOND]
-        b = guided.shape[0]
-        n_guided = sum(guided.tolist())
-        s.computed[COND.name] += b
-        s.computed[UNCOND.name] += n_guided
-        step = {COND.name: b, UNCOND.name: n_guided}
-        if self.batched:
-            s.skipped[UNCOND.name] += b - n_guided
+        """Rows computed and skipped per pass at this call (:meth:`_add_step`)."""
+        flags = masks[UNCOND].tolist()
+        b = len(flags)
+        step = {COND.name: b, UNCOND.name: sum(flags)}
         for p in self.own if self.shared is None else (self.shared, *self.own):
             mask = masks.get(p)
-            done = 0 if mask is None else sum(mask.tolist())
-            s.computed[p.name] = s.computed.get(p.name, 0) + done
-            s.skipped[p.name] = s.skipped.get(p.name, 0) + b - done
-            step[p.name] = done
+            step[p.name] = 0 if mask is None else sum(mask.tolist())
+        self._add_step(b, step, flags)
+
+    def _add_step(self, b: int, step: dict[str, int], guided: list[bool] | None) -> None:
+        """Record the rows ``step`` computed per pass for a guided prediction of ``b`` samples, ``guided`` those
+        with an unconditional row (``None``: every sample). Skipped: unconditional rows when the pipeline batches
+        them, and perturbed rows the guidance may ask for (native PAG computes them at every call)."""
+        s = self.stats
+        for name, rows in step.items():
+            s.computed[name] = s.computed.get(name, 0) + rows
+            if name != COND.name and (name != UNCOND.name or self.batched):
+                s.skipped[name] = s.skipped.get(name, 0) + b - rows
         s.steps.append(StepRows(self._expert, step))
-        if n_guided == b:
+        if guided is None or step[UNCOND.name] == b:
             s.uncond_rows_per_sample = [n + 1 for n in s.uncond_rows_per_sample]
-        elif n_guided:
-            s.uncond_rows_per_sample = [n + g for n, g in zip(s.uncond_rows_per_sample, guided.tolist(), strict=True)]
+        elif step[UNCOND.name]:
+            s.uncond_rows_per_sample = [n + g for n, g in zip(s.uncond_rows_per_sample, guided, strict=True)]
+
+
+@functools.cache
+def _takes_unconditional(scheduler: type) -> bool:
+    """Whether schedulers of this class take the unconditional prediction (the protocol's ``isinstance`` check
+    costs more than a denoiser call's bookkeeping; its answer depends on the class only)."""
+    return issubclass(scheduler, TakesUnconditional)
 
 
 def _take_list(value: list, index: slice | torch.Tensor) -> list:

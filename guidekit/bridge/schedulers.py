@@ -139,11 +139,14 @@ class SchedulerReader:
         base = _supported_base(scheduler)
         self.kind = SUPPORTED_SCHEDULERS.get(base, _SELF_REPORTING)
         self.timesteps: list[float] = scheduler.timesteps.detach().to("cpu", torch.float64).tolist()
-        if self.kind == _ALPHAS_CUMPROD:
-            self.alphas_cumprod: list[float] = scheduler.alphas_cumprod.tolist()
         self.num_train = float(scheduler.config.num_train_timesteps)
         n = getattr(scheduler, "num_inference_steps", None)
         self.num_steps = int(n) if n else len(self.timesteps)
+        if self.kind == _ALPHAS_CUMPROD:  # the state of each step, made once: a call then only counts
+            ts = [int(t) for t in self.timesteps]
+            abar = scheduler.alphas_cumprod[ts].tolist()
+            self._table = [SchedulerCall(NoiseLevel.from_alphas_cumprod(a), False, t / self.num_train, self.num_steps,
+                                         i) for i, (t, a) in enumerate(zip(ts, abar, strict=True))]
         self.flow = _is_flow(scheduler)
         # Resolved once: a missing attribute costs a formatted error message in diffusers' ConfigMixin.
         self.two_calls_per_step = hasattr(scheduler, "state_in_first_order")
@@ -163,11 +166,8 @@ class SchedulerReader:
         if self.kind == _ALPHAS_CUMPROD:
             if self._first_index is None:
                 self._first_index = self.timesteps.index(float(torch.as_tensor(timestep).flatten()[0]))
-            step = self._first_index + self._calls
-            t = int(self.timesteps[step])
             self._calls += 1
-            level = NoiseLevel.from_alphas_cumprod(self.alphas_cumprod[t])
-            return SchedulerCall(level, False, t / self.num_train, self.num_steps, step)
+            return self._table[self._first_index + self._calls - 1]
         scheduler = self.scheduler
         if scheduler.step_index is not None:
             idx = int(scheduler.step_index)

@@ -271,6 +271,13 @@ class Guidance:
         conditional pass (and the perturbed passes, which repeat it) then runs with it."""
         return None
 
+    def constant_cfg_weight(self) -> float | None:
+        """``w`` if, at every call, every sample needs the unconditional pass and nothing else, and its guided
+        prediction is the pipeline's own ``D_u + w (D_c - D_u)`` (plain CFG); ``None`` otherwise. The bridge then
+        hands the pipeline's batch to the network and its output back unchanged, without asking :meth:`needs` and
+        :meth:`cfg_weight` at each call."""
+        return None
+
     def cfg_weight(self, ctx: GuidanceContext, state: Any, scale: float | None = None) -> float | None:
         """``w`` if, at this call, the guided prediction of every sample that has both predictions is the pipeline's
         own ``D_u + w (D_c - D_u)`` in the model's space and dtype (CFG, and wrappers that only choose its samples or

@@ -51,10 +51,21 @@ class CFG(WeightedGuidance):
         return self.rescale == 0
 
     def cfg_weight(self, ctx: GuidanceContext, state: Any, scale: float | None = None) -> float | None:
-        cls = type(self)  # a subclass that changes the arithmetic is not the pipeline's CFG
-        if self.rescale != 0 or (cls.guide, cls.combine, cls.combine_in_space) != _ARITHMETIC:
+        if not self._pipeline_arithmetic():
             return None
         return self.scale if scale is None else scale
+
+    def constant_cfg_weight(self) -> float | None:
+        cls = type(self)  # a subclass that chooses its samples or weight per call is not constant
+        if self.scale == 1.0 or (cls.needs, cls.needs_unconditional, cls.cfg_weight) != _PLAN:
+            return None
+        return self.scale if self._pipeline_arithmetic() else None
+
+    def _pipeline_arithmetic(self) -> bool:
+        """Whether the guided prediction is the pipeline's ``u + w (c - u)``: no rescale, and CFG's own arithmetic
+        (a subclass that changes it is not the pipeline's CFG)."""
+        cls = type(self)
+        return self.rescale == 0 and (cls.guide, cls.combine, cls.combine_in_space) == _ARITHMETIC
 
     def combine_in_space(self, cond: torch.Tensor, uncond: torch.Tensor, ctx: GuidanceContext, state: Any,
                          scale: float) -> torch.Tensor:
@@ -67,3 +78,6 @@ class CFG(WeightedGuidance):
 
 #: CFG's own arithmetic: :meth:`CFG.cfg_weight` holds for instances whose class keeps it.
 _ARITHMETIC = (CFG.guide, CFG.combine, CFG.combine_in_space)
+
+#: CFG's own choice of samples and weight: :meth:`CFG.constant_cfg_weight` holds for instances whose class keeps it.
+_PLAN = (CFG.needs, CFG.needs_unconditional, CFG.cfg_weight)
