@@ -18,6 +18,7 @@ from pipelines import (
 )
 
 import guidekit
+from guidekit.bridge.families import family_of_class
 from guidekit.bridge.proxy import GuidedDenoiser
 from guidekit.bridge.schedulers import make_scheduler
 
@@ -52,29 +53,43 @@ def test_covering_interval_is_cfg(family: str) -> None:
     assert (out - native).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize(("family", "scheduler_name"), [("sd", None), ("sd", "heun"), ("dit", None), ("sd3", None)])
+@pytest.mark.parametrize(("family", "scheduler_name"), [("sd", None), ("sd", "heun"), ("dit", None), ("sd3", None),
+                                                     ("flux", None), ("cogview4", None), ("wan22", None)])
 def test_cfg_hands_the_pipeline_batch_through_as_the_per_call_path_would(family: str, scheduler_name: str | None,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """Plain CFG at the pipeline's weight is planned once: after the first call the proxy hands the pipeline's batch
-    to the network and back without asking the guidance. Interval(CFG) over every sigma asks at each call and comes
-    to the same plan. Both leave the combination to the pipeline: the native latents bitwise, the same stats."""
+    """Plain CFG at the pipeline's weight is planned once: after the first step the proxy hands the pipeline's batch
+    (or, on Flux, CogView4 and Wan, each of its two calls) to the network and back without asking the guidance.
+    Interval(CFG) over every sigma asks at each call and comes to the same plan. Both leave the combination to the
+    pipeline: the native latents bitwise, the same stats. On Wan 2.2 the second expert's own weight differs, so its
+    calls take the per-call path and combine at the guidance's weight."""
     steady: list[int] = []
     original = GuidedDenoiser._steady_call
     monkeypatch.setattr(GuidedDenoiser, "_steady_call", lambda self, a, k: steady.append(1) or original(self, a, k))
     pipe = pipeline(family)
+    scale = {family_of_class(type(pipe)).scale_arg: 5.0, "steps": 4}
+    if family == "wan22":  # enough steps for two on the first expert
+        scale.update(guidance_scale_2=3.0, steps=8)
     saved = pipe.scheduler
     if scheduler_name is not None:
         pipe.scheduler = scheduler(pipe, scheduler_name)
     try:
-        native = final_latents(pipe, family, guidance_scale=5.0, batch_size=2)
-        out, stats = _guided(pipe, guidekit.CFG(5.0), family, guidance_scale=5.0, batch_size=2)
+        out, stats = _guided(pipe, guidekit.CFG(5.0), family, batch_size=2, **scale)
         calls = len(steady)
         per_call, per_call_stats = _guided(pipe, guidekit.Interval(guidekit.CFG(5.0), 0.0, float("inf")), family,
-                                           guidance_scale=5.0, batch_size=2)
+                                           batch_size=2, **scale)
+        native = final_latents(pipe, family, batch_size=2, **{**scale, "guidance_scale_2": 5.0}
+                               if family == "wan22" else scale)
     finally:
         pipe.scheduler = saved
-    assert calls == len(stats.steps) - 1 > 0 and len(steady) == calls  # every call but the first; never Interval
-    assert torch.equal(out, native) and torch.equal(per_call, native)
+    separate = family_of_class(type(pipe)).separate_calls
+    steps = [e for e, _ in stats.steps]
+    assert calls == (1 + separate) * (steps.count(0) - 1) > 0 and len(steady) == calls  # never for Interval
+    assert (family == "wan22") == (1 in steps)
+    assert torch.equal(out, per_call)
+    if family == "wan22":  # the second expert's calls move the unconditional output to the guidance's weight
+        torch.testing.assert_close(out, native, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(out, native)
     assert dataclasses.asdict(stats) == dataclasses.asdict(per_call_stats)
     assert stats.uncond_rows_per_sample == [len(stats.steps)] * 2
 

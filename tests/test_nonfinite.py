@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pipelines import final_latents, pipeline
+from pipelines import final_latents, forward_replaced, pipeline
 
 import guidekit
+from guidekit.bridge.proxy import GuidedDenoiser
 
 
 @pytest.mark.parametrize("text", ["cfg(scale=1e308)", "apg(scale=1e300)"])
@@ -34,3 +35,29 @@ def test_a_huge_weight_equal_to_the_pipelines_is_still_checked(family: str) -> N
     scale = {"true_cfg_scale" if family == "flux" else "guidance_scale": 1e308}
     with pytest.raises(ValueError, match=r"not finite at step 0"), guidekit.guided(pipe, "cfg(scale=1e308)"):
         final_latents(pipe, family, steps=2, **scale)
+
+
+@pytest.mark.parametrize(("family", "poisoned_call"), [("sd", 2), ("flux", 3), ("flux", 4)])
+def test_a_prediction_that_turns_non_finite_on_the_pass_through_path_is_caught(
+        family: str, poisoned_call: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the first step, plain CFG at the pipeline's own weight passes the pipeline's batch through without
+    asking the guidance (``_steady_call``); its outputs are still checked. A network output that turns NaN at step 1
+    (SD's second call; Flux's conditional or unconditional call of its second step) stops the call naming that
+    step."""
+    pipe = pipeline(family)
+    denoiser = pipe.unet if family == "sd" else pipe.transformer
+    own, calls, steady = denoiser.forward, [], []
+    original = GuidedDenoiser._steady_call
+    monkeypatch.setattr(GuidedDenoiser, "_steady_call", lambda self, a, k: steady.append(1) or original(self, a, k))
+
+    def poisoned(*args, **kwargs):
+        out = own(*args, **kwargs)
+        calls.append(1)
+        return (torch.full_like(out[0], float("nan")), *out[1:]) if len(calls) == poisoned_call else out
+
+    scale = {"true_cfg_scale" if family == "flux" else "guidance_scale": 5.0}
+    with forward_replaced(denoiser, poisoned), \
+            pytest.raises(ValueError, match=r"guidance cfg\(scale=5\.0.* not finite at step 1 "), \
+            guidekit.guided(pipe, "cfg(scale=5)"):
+        final_latents(pipe, family, steps=3, **scale)
+    assert steady and len(calls) == 3 * (1 + (family == "flux"))  # the pass-through path ran every later call

@@ -204,8 +204,10 @@ class GuidedDenoiser:
         # A sampler that renoises with the unconditional prediction (CFG++) receives it at every call.
         self._receiver = scheduler if _takes_unconditional(type(scheduler)) else None
         # Set at the first call for a guidance that is plain CFG at every call (``constant_cfg_weight``) where the
-        # pipeline's batch needs nothing else: its weight, and the number of samples.
+        # pipeline's batch needs nothing else: its weight, and the number of samples. Between the two calls of a
+        # separate-call step on that path: the conditional call's state and its output's sum.
         self._steady: tuple[float, int] | None = None
+        self._held: tuple[SchedulerCall, torch.Tensor] | None = None
         #: The perturbed passes the guidance may ask for (set by the bridge for the pipeline call; see
         #: :mod:`guidekit.bridge.perturb`): at most one changes attention and shares the main forward, its rows last,
         #: run by ``processors``; the others (skipped layers, another network) run as forwards of their own.
@@ -232,11 +234,11 @@ class GuidedDenoiser:
 
     def call(self, expert: int, args: tuple, kwargs: dict) -> Any:
         """One call of the pipeline to its denoiser ``expert``."""
-        if self._pending is not None and expert != self._expert:
+        if (self._pending is not None or self._held is not None) and expert != self._expert:
             raise RuntimeError(f"guidekit expected the unconditional call of denoiser {self._expert}, got a call "
                                f"of denoiser {expert}")
         self._expert = expert
-        if self._steady is not None and self._steady[0] == self.scales[expert]:
+        if self._steady is not None and self._pending is None and self._steady[0] == self.scales[expert]:
             return self._steady_call(args, kwargs)
         if self.family.separate_calls and self.batched:
             return self._separate_call(args, kwargs)
@@ -277,26 +279,32 @@ class GuidedDenoiser:
     def _steady_plan(self, b: int) -> tuple[float, int] | None:
         """The weight of every call, and the ``b`` samples, where the guidance is plain CFG at every call
         (:meth:`~guidekit.guidance.base.Guidance.constant_cfg_weight`) and nothing else joins the pipeline's own
-        batch: no separate calls, no sampler that takes the unconditional prediction, no perturbed pass or NAG."""
+        batch: no sampler that takes the unconditional prediction, no perturbed pass or NAG."""
         weight = self.guidance.constant_cfg_weight()
-        if weight is None or abs(weight) > _MAX_PIPELINE_WEIGHT or not self.batched or self.family.separate_calls \
-                or self._receiver is not None or self.nag is not None or self.shared is not None or self.own:
+        if weight is None or abs(weight) > _MAX_PIPELINE_WEIGHT or not self.batched or self._receiver is not None \
+                or self.nag is not None or self.shared is not None or self.own:
             return None
         return weight, b
 
     def _steady_call(self, args: tuple, kwargs: dict) -> Any:
         """A call whose guided prediction is the pipeline's own CFG at its own weight (:meth:`_steady_plan`): the
-        pipeline's batch goes to the network and its output back unchanged; only the stats and the finite check
-        record it."""
+        pipeline's batch (or, with separate calls, each of its two calls) goes to the network and its output back
+        unchanged; only the stats and the finite check record it."""
         sample, timestep = _sample_and_timestep(args, kwargs)
-        if sample.shape[0] % 2:
+        separate = self.family.separate_calls
+        if not separate and sample.shape[0] % 2:
             raise RuntimeError(f"guidekit expected a CFG batch of even size, got {sample.shape[0]} rows")
-        state = self._read(timestep)
+        held, self._held = self._held, None
+        state = self._read(timestep) if held is None else held[0]  # the unconditional call shares the step's
         result = self._forward(*args, **kwargs)
+        out = _output_tensor(result)
+        total = out.sum(dtype=_SUM_DTYPES.get(out.dtype))
+        if separate and held is None:  # the conditional call: the step is recorded at the unconditional one
+            self._held = state, total
+            return result
         b = self._steady[1]  # type: ignore[index]
         self._add_step(b, {COND.name: b, UNCOND.name: b}, None)
-        out = _output_tensor(result)
-        self._finite.append((state.step, state.level, out.sum(dtype=_SUM_DTYPES.get(out.dtype))))
+        self._finite.append((state.step, state.level, total if held is None else total + held[1]))
         return result
 
     def _grid(self, kwargs: dict) -> tuple[int, int] | None:
