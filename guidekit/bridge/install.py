@@ -46,7 +46,7 @@ from guidekit.guidance.base import (
     SkipLayers,
 )
 from guidekit.guidance.spec import parse_guidance
-from guidekit.samplers.protocols import ReportsCalls
+from guidekit.samplers.protocols import ReportsCalls, conforms
 
 _GUIDED_CLASSES: dict[type, type] = {}
 _GUIDED_CLASSES_LOCK = threading.Lock()
@@ -57,13 +57,7 @@ _SUPPORTED_PASSES = frozenset({UNCOND})
 
 def brings_sampler(guidance: Guidance) -> bool:
     """Whether ``set_guidance`` swaps the pipeline's scheduler for a sampler of the guidance's own (PCG, CFG++)."""
-    return _brings_sampler(type(guidance))
-
-
-@functools.cache
-def _brings_sampler(cls: type) -> bool:
-    """:func:`brings_sampler` of a guidance class (the protocol's check is slow; its answer depends on the class)."""
-    return issubclass(cls, BringsSampler)
+    return conforms(guidance, BringsSampler)
 
 
 def _own_sampler(guidance: Guidance, scheduler: Any) -> Any | None:
@@ -201,7 +195,7 @@ def _check_call(pipe: DiffusionPipeline, family: Family, guidance: Guidance,
     """Validate a guided call; return whether the pipeline will batch unconditional rows."""
     check_scheduler(pipe.scheduler)
     start = arguments.get("denoising_start")
-    if start is not None and isinstance(pipe.scheduler, ReportsCalls) and pipe.scheduler.order == 2:
+    if start is not None and conforms(pipe.scheduler, ReportsCalls) and pipe.scheduler.order == 2:
         # diffusers' SDXL get_timesteps takes an order-2 scheduler for Heun and starts it one call early
         raise ValueError(f"denoising_start={start!r} is not accepted with guidance {guidance!r}, whose sampler "
                          "makes two calls per step; expected None, or a sampler with another order (PCG with "

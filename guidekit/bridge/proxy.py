@@ -44,7 +44,7 @@ from guidekit.guidance.base import (
 )
 from guidekit.guidance.spec import format_guidance
 from guidekit.parameterization import NoiseLevel
-from guidekit.samplers.protocols import TakesUnconditional
+from guidekit.samplers.protocols import TakesUnconditional, conforms
 
 
 class StepRows(NamedTuple):
@@ -202,7 +202,7 @@ class GuidedDenoiser:
         # and the predictions of the passes computed with it.
         self._pending: tuple[GuidanceContext, PassMasks, torch.Tensor, Any, dict[Pass, torch.Tensor]] | None = None
         # A sampler that renoises with the unconditional prediction (CFG++) receives it at every call.
-        self._receiver = scheduler if _takes_unconditional(type(scheduler)) else None
+        self._receiver = scheduler if conforms(scheduler, TakesUnconditional) else None
         # Set at the first call for a guidance that is plain CFG at every call (``constant_cfg_weight``) where the
         # pipeline's batch needs nothing else: its weight, and the number of samples. Between the two calls of a
         # separate-call step on that path: the conditional call's state and its output's sum.
@@ -298,7 +298,7 @@ class GuidedDenoiser:
         state = self._read(timestep) if held is None else held[0]  # the unconditional call shares the step's
         result = self._forward(*args, **kwargs)
         out = _output_tensor(result)
-        total = out.sum(dtype=_SUM_DTYPES.get(out.dtype))
+        total = _finite_sum(out)
         if separate and held is None:  # the conditional call: the step is recorded at the unconditional one
             self._held = state, total
             return result
@@ -348,7 +348,7 @@ class GuidedDenoiser:
         else:
             pred = apply_guidance(self.guidance, cond, extra, masks, ctx, self.state)
         # Read once, after the call: the sum is finite when every element is, and costs one reduction.
-        self._finite.append((ctx.step, ctx.level, pred.sum(dtype=_SUM_DTYPES.get(pred.dtype))))
+        self._finite.append((ctx.step, ctx.level, _finite_sum(pred)))
         if self._receiver is not None:  # samples without an unconditional row pass their conditional one
             if n_guided != guided.shape[0]:
                 full = cond.clone()
@@ -527,9 +527,9 @@ class GuidedDenoiser:
             out = moved if c == out.shape[d] else torch.cat([moved, out.narrow(d, c, out.shape[d] - c)], dim=d)
             result = _with_output(result, out)
         # The pipeline's combination of finite predictions with a finite weight is finite (barring overflow).
-        total = out.sum(dtype=_SUM_DTYPES.get(out.dtype))
+        total = _finite_sum(out)
         if cond is not None:  # separate calls: the conditional rows came with the first call
-            total = total + cond.sum(dtype=_SUM_DTYPES.get(cond.dtype))
+            total = total + _finite_sum(cond)
         self._finite.append((ctx.step, ctx.level, total))
         return result
 
@@ -614,13 +614,6 @@ class GuidedDenoiser:
             s.uncond_rows_per_sample = [n + g for n, g in zip(s.uncond_rows_per_sample, guided, strict=True)]
 
 
-@functools.cache
-def _takes_unconditional(scheduler: type) -> bool:
-    """Whether schedulers of this class take the unconditional prediction (the protocol's ``isinstance`` check
-    costs more than a denoiser call's bookkeeping; its answer depends on the class only)."""
-    return issubclass(scheduler, TakesUnconditional)
-
-
 def _take_list(value: list, index: slice | torch.Tensor) -> list:
     """The entries of a per-sample list at ``index``."""
     return value[index] if isinstance(index, slice) else [value[i] for i in index.tolist()]
@@ -635,6 +628,12 @@ _MAX_PIPELINE_WEIGHT = 1e3
 
 #: The dtype a prediction is summed in for the finite check (``None``: its own).
 _SUM_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
+def _finite_sum(prediction: torch.Tensor) -> torch.Tensor:
+    """The sum the finite check reads (:meth:`GuidedDenoiser.check_finite`): finite when every element is; half
+    precision is summed in float32, so that finite values do not overflow it."""
+    return prediction.sum(dtype=_SUM_DTYPES.get(prediction.dtype))
 
 
 def _output_tensor(result: Any) -> torch.Tensor:

@@ -8,11 +8,23 @@ through :class:`guidekit.guidance.base.BringsSampler`.
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from guidekit.parameterization import NoiseLevel
+
+
+def conforms(obj: object, protocol: type) -> bool:
+    """``isinstance(obj, protocol)`` for a runtime-checkable protocol of methods, worked out once per class of
+    ``obj`` (the protocol's own check costs some microseconds at every call, and its answer depends on the class)."""
+    return _conforms(type(obj), protocol)
+
+
+@functools.cache
+def _conforms(cls: type, protocol: type) -> bool:
+    return issubclass(cls, protocol)
 
 
 @runtime_checkable
