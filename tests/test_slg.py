@@ -125,7 +125,9 @@ def test_slg_on_pixart_skips_blocks_as_diffusers_layer_skip_hook_does() -> None:
     plain = pipe(**call, generator=torch.Generator().manual_seed(0)).images
     with guidekit.guided(pipe, CFG(5) + SLG(2.8, layers=[1], start=0.0, stop=1.0)) as run:
         ours = pipe(**call, generator=torch.Generator().manual_seed(0)).images
-    torch.testing.assert_close(ours, expected, rtol=2e-5, atol=1e-5)
+    # The oracle's skipped forward runs both halves of the batch, guidekit's the conditional rows only: kernels
+    # chosen by batch size round differently (up to 2.0e-5 seen, on an AVX-512 CPU).
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=5e-5)
     assert run.stats.computed["slg:1"] == 3 and (plain - expected).abs().max() > 1e-3
 
 
