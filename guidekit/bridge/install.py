@@ -252,9 +252,14 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, args: tuple, kwarg
         if expert is not None:
             expert_scale = arguments.get(scale_arg)
             stand_ins[expert] = proxy.expert(expert.forward, scale if expert_scale is None else float(expert_scale))
-    saved = {module: module.__dict__.get("forward") for module in stand_ins}
-    for module, stand_in in stand_ins.items():
+    # Where diffusers' cache hooks are on, the pipeline's cache context is recorded for the proxy's forwards.
+    proxy.cache_contexts = [module.cache_context if getattr(module, "is_cache_enabled", False) else None
+                            for module in stand_ins]
+    saved = {(module, name): module.__dict__.get(name) for module in stand_ins for name in ("forward", "cache_context")}
+    for (module, stand_in), opener in zip(stand_ins.items(), proxy.cache_contexts, strict=True):
         module.forward = stand_in
+        if opener is not None:
+            module.cache_context = proxy.recording_cache_context(opener)
     proxy.shared, proxy.own = _perturbed_passes(guidance)
     proxy.weak_networks = _weak_networks(pipe, family)
     proxy.denoisers, proxy.skips_itself = list(stand_ins), takes_skip_layers(denoiser)
@@ -269,11 +274,11 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, args: tuple, kwarg
                 proxy.nag = perturbing.enter_context(nag_runner(pipe, denoiser, change, arguments))
             output = original_call(pipe, *args, **kwargs)
     finally:
-        for module, forward in saved.items():
-            if forward is None:
-                del module.forward
-            else:
-                module.forward = forward
+        for (module, name), value in saved.items():
+            if value is not None:
+                setattr(module, name, value)
+            elif name in module.__dict__:
+                delattr(module, name)
         pipe.__dict__["guidance_stats"] = proxy.stats
     proxy.check_finite()  # no image made from a prediction that was not finite
     return output

@@ -13,6 +13,9 @@ dynamic and compiled size-obliviously (see :func:`mark_batch_dynamic`), so one g
 and a change of the number does not recompile. Inductor still specialises on a batch of one row (its convolution
 layouts and reshapes guard on it), so a forward of one row runs that row twice and keeps the first output: the graph
 of two or more rows serves it (docs/benchmarks.md).
+
+Where diffusers' cache hooks are on, a forward of the pipeline's own rows runs in the cache context the pipeline
+opened, and every other forward in one of its own, named after its rows (:meth:`GuidedDenoiser._cache_scope`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -222,6 +226,11 @@ class GuidedDenoiser:
         self.weak_networks: dict[str, torch.nn.Module] = {}
         #: NAG's runner for the pipeline call (see :mod:`guidekit.bridge.nag`), given the prompt's rows per forward.
         self.nag: NAGRunner | None = None
+        #: Per expert, where diffusers' cache hooks are on, the denoiser's own ``cache_context`` (set by the bridge;
+        #: see :meth:`recording_cache_context`), and the context the pipeline has opened around this call: its name
+        #: and fields.
+        self.cache_contexts: list[Callable[..., AbstractContextManager[Any]] | None] = []
+        self._cache_context: tuple[str, dict[str, Any]] | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.call(0, args, kwargs)
@@ -306,6 +315,33 @@ class GuidedDenoiser:
         self._add_step(b, {COND.name: b, UNCOND.name: b}, None)
         self._finite.append((state.step, state.level, total if held is None else total + held[1]))
         return result
+
+    def recording_cache_context(self, original: Callable[..., AbstractContextManager[Any]]
+                                ) -> Callable[..., AbstractContextManager[None]]:
+        """A stand-in for a denoiser's ``cache_context`` (diffusers' ``CacheMixin``), through which the pipeline
+        opens its context around a denoiser call: it opens ``original`` and records the context for
+        :meth:`_cache_scope`."""
+        @contextlib.contextmanager
+        def cache_context(name: str, **fields: Any) -> Iterator[None]:
+            self._cache_context = (name, fields)
+            try:
+                with original(name, **fields):
+                    yield
+            finally:
+                self._cache_context = None
+
+        return cache_context
+
+    def _cache_scope(self, rows: str | None) -> AbstractContextManager[Any]:
+        """The cache context a forward runs in where diffusers' cache hooks are on (they keep their state per context
+        name, and compare and reuse it from call to call): the pipeline's own for a forward of the pipeline's rows
+        (``rows`` None), else one named after the pipeline's and ``rows``, which says which rows the forward
+        computes, so that no hook compares or reuses the state of other rows."""
+        opener = self.cache_contexts[self._expert] if self.cache_contexts else None
+        if opener is None or self._cache_context is None:
+            return _NO_SCOPE
+        name, fields = self._cache_context
+        return opener(name if rows is None else f"{name}, guidekit {rows}", **fields)
 
     def _grid(self, kwargs: dict) -> tuple[int, int] | None:
         """The unpacked latent's ``(height, width)`` for a denoiser of packed 2 x 2 tokens, from their positions."""
@@ -400,23 +436,26 @@ class GuidedDenoiser:
         for p in self.own:
             mask = masks.get(p)
             if mask is not None and bool(mask.any()):
-                p_args, p_kwargs = self._select(args, kwargs, mask.nonzero().flatten() + first_cond, n)
-                done[p] = self._perturbed_forward(p.perturbation, p_args, p_kwargs)  # type: ignore[arg-type]
+                index = mask.nonzero().flatten() + first_cond
+                p_args, p_kwargs = self._select(args, kwargs, index, n)
+                done[p] = self._perturbed_forward(p.perturbation, p_args, p_kwargs,  # type: ignore[arg-type]
+                                                  f"{p.name} of rows {_listed(index)}")
         return done
 
-    def _perturbed_forward(self, perturbation: SkipLayers | OtherDenoiser, args: tuple, kwargs: dict
+    def _perturbed_forward(self, perturbation: SkipLayers | OtherDenoiser, args: tuple, kwargs: dict, rows: str
                            ) -> torch.Tensor:
         """The perturbed rows' prediction from a forward of their own: the denoiser with ``skip_layers`` (or, where
         its forward takes none, with the blocks skipped by hooks), or the other network called with the same inputs
-        (its output is checked against the denoiser's in :meth:`_combine`)."""
+        (its output is checked against the denoiser's in :meth:`_combine`). ``rows`` names them for
+        :meth:`_cache_scope`."""
         if isinstance(perturbation, SkipLayers):
             rows = _sample_and_timestep(args, kwargs)[0].shape[0]
             positive = torch.arange(rows) if self.nag is not None else None
             if self.skips_itself:
                 return _output_tensor(self._forward(*args, **kwargs, skip_layers=list(perturbation.layers),
-                                                    positive=positive))
+                                                    positive=positive, rows=rows))
             with skipped_blocks(self.denoisers[self._expert], perturbation.layers):
-                return _output_tensor(self._forward(*args, **kwargs, positive=positive))
+                return _output_tensor(self._forward(*args, **kwargs, positive=positive, rows=rows))
         self.stats.model_calls += 1
         module = perturbation.module
         return _output_tensor((self.weak_networks[module] if isinstance(module, str) else module)(*args, **kwargs))
@@ -452,7 +491,10 @@ class GuidedDenoiser:
             first_cond = 0 if self.family.cond_first else n_guided
             positive = torch.cat([torch.arange(first_cond, first_cond + b),
                                   torch.arange(b + n_guided, b + n_guided + n_perturbed)])
-        result = self._forward(*sub_args, **sub_kwargs, perturbed_rows=n_perturbed, positive=positive)
+        whole = isinstance(index, slice) and index.stop - index.start == n  # not batched: the pipeline's own rows
+        rows = None if whole else f"rows {_listed(index)}" + (f", the last {n_perturbed} perturbed" if n_perturbed
+                                                               else "")
+        result = self._forward(*sub_args, **sub_kwargs, perturbed_rows=n_perturbed, positive=positive, rows=rows)
         out = _output_tensor(result)
         main = out[:len(out) - n_perturbed]
         cond, uncond = (main[:b], main[b:]) if self.family.cond_first else (main[n_guided:], main[:n_guided])
@@ -489,8 +531,9 @@ class GuidedDenoiser:
             if weight is not None:
                 return self._pipeline_combines(ctx, masks, uncond_result, cond, uncond, weight)
         elif n_guided:
-            sub_args, sub_kwargs = self._select(args, kwargs, guided.nonzero().flatten(), b)
-            uncond = _output_tensor(self._forward(*sub_args, **sub_kwargs))
+            index = guided.nonzero().flatten()
+            sub_args, sub_kwargs = self._select(args, kwargs, index, b)
+            uncond = _output_tensor(self._forward(*sub_args, **sub_kwargs, rows=f"rows {_listed(index)}"))
         else:
             uncond = cond[:0]
         pred = self._full(self._combine(ctx, cond, {UNCOND: uncond, **done}, masks), cond)
@@ -557,19 +600,21 @@ class GuidedDenoiser:
         raise ValueError(f"guidance {method} gave a guided prediction that is not finite at step {step} "
                          f"(sigma {sigma:.4g}); expected finite values: {advice}")
 
-    def _forward(self, *args: Any, perturbed_rows: int = 0, positive: torch.Tensor | None = None, **kwargs: Any
-                 ) -> Any:
+    def _forward(self, *args: Any, perturbed_rows: int = 0, positive: torch.Tensor | None = None,
+                 rows: str | None = None, **kwargs: Any) -> Any:
         """One forward of the network; its last ``perturbed_rows`` rows run with the perturbed pass's change, and
-        the rows at ``positive`` (those conditioned on the prompt) with NAG's, if it is set."""
+        the rows at ``positive`` (those conditioned on the prompt) with NAG's, if it is set. ``rows`` names the rows
+        of a forward that are not the pipeline's own (:meth:`_cache_scope`)."""
         self.stats.model_calls += 1
         if perturbed_rows:
             latent_size = tuple(_sample_and_timestep(args, kwargs)[0].shape[-2:])
             for processor in self.processors:
                 processor.perturbed_rows, processor.latent_size = perturbed_rows, latent_size
         try:
-            if self.nag is not None and positive is not None:
-                return self.nag.run(self._network, args, kwargs, positive)
-            return self._network(args, kwargs)
+            with self._cache_scope(rows):
+                if self.nag is not None and positive is not None:
+                    return self.nag.run(self._network, args, kwargs, positive)
+                return self._network(args, kwargs)
         finally:
             for processor in self.processors:
                 processor.perturbed_rows = 0
@@ -614,6 +659,12 @@ class GuidedDenoiser:
             s.uncond_rows_per_sample = [n + g for n, g in zip(s.uncond_rows_per_sample, guided, strict=True)]
 
 
+def _listed(index: slice | torch.Tensor) -> str:
+    """The rows at ``index``, as a text: ``0,2,3``."""
+    rows = range(index.start, index.stop) if isinstance(index, slice) else index.tolist()
+    return ",".join(map(str, rows))
+
+
 def _take_list(value: list, index: slice | torch.Tensor) -> list:
     """The entries of a per-sample list at ``index``."""
     return value[index] if isinstance(index, slice) else [value[i] for i in index.tolist()]
@@ -622,6 +673,9 @@ def _take_list(value: list, index: slice | torch.Tensor) -> list:
 def _call_expert(proxy: GuidedDenoiser, expert: int, *args: Any, **kwargs: Any) -> Any:
     return proxy.call(expert, args, kwargs)
 
+
+#: The scope of a forward where no cache hooks are on (:meth:`GuidedDenoiser._cache_scope`).
+_NO_SCOPE = contextlib.nullcontext()
 
 #: The largest CFG weight left to the pipeline's own arithmetic (:meth:`GuidedDenoiser._cfg_weight`).
 _MAX_PIPELINE_WEIGHT = 1e3
