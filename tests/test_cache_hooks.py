@@ -84,9 +84,13 @@ def test_the_pipelines_own_forwards_keep_their_contexts(family: str) -> None:
     assert not torch.equal(plain, native)  # the cache skipped blocks
 
 
-@pytest.mark.parametrize("family", ["flux", "wan"])
-def test_rows_that_change_from_step_to_step_get_a_context_each(family: str, monkeypatch: pytest.MonkeyPatch
-                                                               ) -> None:
+@pytest.mark.parametrize(("family", "contexts"), [
+    ("flux", {"cond": {2}, "uncond": {2}, "uncond, guidekit rows 0": {1}}),
+    ("wan", {"cond": {2}, "uncond": {2}, "uncond, guidekit rows 0": {1}}),
+    ("ltx", {"cond_uncond": {4}, "cond_uncond, guidekit rows 0,2,3": {3}}),  # one call per step, [uncond; cond]
+])
+def test_rows_that_change_from_step_to_step_get_a_context_each(family: str, contexts: dict[str, set[int]],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     pipe = pipeline(family)
     transformer = pipe.transformer
     opened: list[str | None] = [None]
@@ -100,7 +104,7 @@ def test_rows_that_change_from_step_to_step_get_a_context_each(family: str, monk
             yield
 
     monkeypatch.setattr(type(transformer), "cache_context", spy)
-    blocks = transformer.transformer_blocks if family == "flux" else transformer.blocks
+    blocks = getattr(transformer, "transformer_blocks", None) or transformer.blocks
     handle = blocks[0].register_forward_pre_hook(lambda module, args, kwargs: seen.append(
         (opened[0], (args[0] if args else kwargs["hidden_states"]).shape[0])), with_kwargs=True)
     try:
@@ -117,5 +121,5 @@ def test_rows_that_change_from_step_to_step_get_a_context_each(family: str, monk
     rows: dict[str | None, set[int]] = {}
     for name, n in seen:
         rows.setdefault(name, set()).add(n)
-    assert rows == {"cond": {2}, "uncond": {2}, "uncond, guidekit rows 0": {1}}
+    assert rows == contexts
     assert reused.shape == expected.shape and bool(torch.isfinite(reused).all())
