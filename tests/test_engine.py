@@ -108,6 +108,47 @@ def test_one_object_in_two_threads_gives_the_sequential_results(g: guidekit.Guid
     assert (plain - sequential[0]).abs().max() > 1e-3
 
 
+def test_a_denoiser_shared_by_two_pipelines_serves_one_guided_call_at_a_time() -> None:
+    """Two pipelines built on one UNet (their own schedulers): while one makes a guided call in a thread, the other's
+    guided call is refused by name before it changes anything; the first call's result is its sequential one, and
+    the UNet has its own forward again."""
+    import diffusers
+
+    first = build_tiny_pipeline("sd")
+    first.set_progress_bar_config(disable=True)
+    scheduler = type(first.scheduler).from_config(first.scheduler.config)
+    second = diffusers.StableDiffusionPipeline(**{**first.components, "scheduler": scheduler})
+    second.set_progress_bar_config(disable=True)
+    g = guidekit.APG(5.0, momentum=-0.5)
+    run = {"batch_size": 2, "guidance_scale": 5.0, "steps": 6}
+    with guidekit.guided(first, g):
+        expected = final_latents(first, "sd", **run)
+    started, release = threading.Event(), threading.Event()
+
+    def hold(pipe, i, t, kwargs):  # type: ignore[no-untyped-def]
+        if i == 0:
+            started.set()
+            release.wait(60)
+        return kwargs
+
+    results: list[torch.Tensor] = []
+    thread = threading.Thread(target=lambda: results.append(
+        final_latents(first, "sd", **run, callback_on_step_end=hold)))
+    with guidekit.guided(first, g), guidekit.guided(second, g):
+        thread.start()
+        try:
+            assert started.wait(60)
+            with pytest.raises(RuntimeError, match="unet=UNet2DConditionModel of StableDiffusionPipeline is serving "
+                                                   "another guided call"):
+                final_latents(second, "sd", **run)
+        finally:
+            release.set()
+            thread.join()
+        assert torch.equal(results[0], expected)
+        assert "forward" not in vars(first.unet)
+        assert torch.equal(final_latents(second, "sd", **run), expected)  # one after the other: both served
+
+
 def test_state_shared_between_calls_would_differ() -> None:
     """What the threads test guards against: call B writing call A's APG momentum buffer between A's steps."""
     from conftest import make_context

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -53,6 +54,11 @@ _GUIDED_CLASSES_LOCK = threading.Lock()
 _ATTRIBUTES = ("_guidekit_guidance", "guidance_stats", "_guidekit_scheduler", "_guidekit_weak")
 #: The passes this bridge evaluates.
 _SUPPORTED_PASSES = frozenset({UNCOND})
+
+#: The denoisers serving a guided pipeline call now, in any thread: a guided call replaces its denoisers' ``forward``
+#: for its duration, so a denoiser serves one guided call at a time (:func:`_serving`).
+_SERVING: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+_SERVING_LOCK = threading.Lock()
 
 
 def brings_sampler(guidance: Guidance) -> bool:
@@ -236,6 +242,25 @@ def _check_call(pipe: DiffusionPipeline, family: Family, guidance: Guidance,
     return batched
 
 
+@contextmanager
+def _serving(pipe: DiffusionPipeline, denoisers: dict[str, torch.nn.Module]) -> Iterator[None]:
+    """Hold ``denoisers`` (by the pipeline's attribute names) for one guided call of ``pipe``; one that another guided
+    call holds (a pipeline sharing it, in another thread) is refused before anything changes."""
+    with _SERVING_LOCK:
+        for name, module in denoisers.items():
+            if module in _SERVING:
+                raise RuntimeError(f"{name}={type(module).__name__} of {type(pipe).__name__} is serving another guided "
+                                   "call (a pipeline sharing it, in another thread); expected one guided call per "
+                                   "denoiser at a time: give each thread a pipeline with its own denoiser, or call "
+                                   "one after the other")
+        _SERVING.update(denoisers.values())
+    try:
+        yield
+    finally:
+        with _SERVING_LOCK:
+            _SERVING.difference_update(denoisers.values())
+
+
 def _guided_call(pipe: DiffusionPipeline, original_call: Any, args: tuple, kwargs: dict, arguments: dict[str, Any],
                  family: Family) -> Any:
     """One call of a guided pipeline: ``original_call(pipe, *args, **kwargs)``, whose ``arguments`` by name (the
@@ -243,43 +268,45 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, args: tuple, kwarg
     guidance: Guidance = pipe.__dict__["_guidekit_guidance"]
     batched = _check_call(pipe, family, guidance, arguments)
     denoiser = getattr(pipe, family.denoiser)
-    scale = family.weight(arguments.get(family.scale_arg)) or 1.0
-    proxy = GuidedDenoiser(denoiser.forward, guidance, family, pipe.scheduler, batched, scale,
-                           compiled=is_compiled(denoiser))
-    stand_ins = {denoiser: proxy}
-    for name, scale_arg in zip(family.experts, family.expert_scale_args, strict=True):
-        expert = getattr(pipe, name, None)
-        if expert is not None:
-            expert_scale = arguments.get(scale_arg)
-            stand_ins[expert] = proxy.expert(expert.forward, scale if expert_scale is None else float(expert_scale))
-    # Where diffusers' cache hooks are on, the pipeline's cache context is recorded for the proxy's forwards.
-    proxy.cache_contexts = [module.cache_context if getattr(module, "is_cache_enabled", False) else None
-                            for module in stand_ins]
-    saved = {(module, name): module.__dict__.get(name) for module in stand_ins for name in ("forward", "cache_context")}
-    for (module, stand_in), opener in zip(stand_ins.items(), proxy.cache_contexts, strict=True):
-        module.forward = stand_in
-        if opener is not None:
-            module.cache_context = proxy.recording_cache_context(opener)
-    proxy.shared, proxy.own = _perturbed_passes(guidance)
-    proxy.weak_networks = _weak_networks(pipe, family)
-    proxy.denoisers, proxy.skips_itself = list(stand_ins), takes_skip_layers(denoiser)
-    try:
-        with ExitStack() as perturbing:
-            if proxy.shared is not None:
-                for module in stand_ins:
-                    proxy.processors += perturbing.enter_context(
-                        perturbation_processors(module, proxy.shared.perturbation))  # type: ignore[arg-type]
-            change = guidance.conditional_change()
-            if isinstance(change, NegativePromptAttention):
-                proxy.nag = perturbing.enter_context(nag_runner(pipe, denoiser, change, arguments))
-            output = original_call(pipe, *args, **kwargs)
-    finally:
-        for (module, name), value in saved.items():
-            if value is not None:
-                setattr(module, name, value)
-            elif name in module.__dict__:
-                delattr(module, name)
-        pipe.__dict__["guidance_stats"] = proxy.stats
+    experts = {name: getattr(pipe, name, None) for name in family.experts}
+    with _serving(pipe, {family.denoiser: denoiser, **{k: v for k, v in experts.items() if v is not None}}):
+        scale = family.weight(arguments.get(family.scale_arg)) or 1.0
+        proxy = GuidedDenoiser(denoiser.forward, guidance, family, pipe.scheduler, batched, scale,
+                               compiled=is_compiled(denoiser))
+        stand_ins = {denoiser: proxy}
+        for expert, scale_arg in zip(experts.values(), family.expert_scale_args, strict=True):
+            if expert is not None:
+                expert_scale = arguments.get(scale_arg)
+                stand_ins[expert] = proxy.expert(expert.forward, scale if expert_scale is None else float(expert_scale))
+        # Where diffusers' cache hooks are on, the pipeline's cache context is recorded for the proxy's forwards.
+        proxy.cache_contexts = [module.cache_context if getattr(module, "is_cache_enabled", False) else None
+                                for module in stand_ins]
+        saved = {(module, name): module.__dict__.get(name) for module in stand_ins
+                 for name in ("forward", "cache_context")}
+        for (module, stand_in), opener in zip(stand_ins.items(), proxy.cache_contexts, strict=True):
+            module.forward = stand_in
+            if opener is not None:
+                module.cache_context = proxy.recording_cache_context(opener)
+        proxy.shared, proxy.own = _perturbed_passes(guidance)
+        proxy.weak_networks = _weak_networks(pipe, family)
+        proxy.denoisers, proxy.skips_itself = list(stand_ins), takes_skip_layers(denoiser)
+        try:
+            with ExitStack() as perturbing:
+                if proxy.shared is not None:
+                    for module in stand_ins:
+                        proxy.processors += perturbing.enter_context(
+                            perturbation_processors(module, proxy.shared.perturbation))  # type: ignore[arg-type]
+                change = guidance.conditional_change()
+                if isinstance(change, NegativePromptAttention):
+                    proxy.nag = perturbing.enter_context(nag_runner(pipe, denoiser, change, arguments))
+                output = original_call(pipe, *args, **kwargs)
+        finally:
+            for (module, name), value in saved.items():
+                if value is not None:
+                    setattr(module, name, value)
+                elif name in module.__dict__:
+                    delattr(module, name)
+            pipe.__dict__["guidance_stats"] = proxy.stats
     proxy.check_finite()  # no image made from a prediction that was not finite
     return output
 
