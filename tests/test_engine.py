@@ -209,11 +209,14 @@ def test_passes_the_bridge_cannot_evaluate_are_refused_by_name() -> None:
     assert COND not in guidekit.CFG(5.0).passes() and guidekit.CFG(1.0).passes() == frozenset()
 
 
-def test_compiled_denoiser_does_not_recompile_when_rows_change() -> None:
+@pytest.mark.parametrize("in_place", [False, True], ids=["torch.compile(unet)", "unet.compile()"])
+def test_compiled_denoiser_does_not_recompile_when_rows_change(in_place: bool) -> None:
     """One graph for every row count: CFG (2B rows), Interval (B rows outside it) and AdaptiveGuidance (rows drop
-    as samples switch), at batch 2 and 1, after the first pipeline call."""
+    as samples switch), at batch 2 and 1, after the first pipeline call; with the UNet wrapped by ``torch.compile``
+    and compiled in place."""
     torch._dynamo.reset()
     pipe = build_tiny_pipeline("sd")
+    unet = pipe.unet
     eager = {}
     methods = [guidekit.CFG(5.0), guidekit.Interval(guidekit.CFG(5.0), sigma_lo=0.5, sigma_hi=3.0),
                guidekit.AdaptiveGuidance(guidekit.CFG(5.0), threshold=1e-6)]
@@ -221,7 +224,11 @@ def test_compiled_denoiser_does_not_recompile_when_rows_change() -> None:
     for g, b in runs:
         with guidekit.guided(pipe, g):
             eager[(g, b)] = final_latents(pipe, "sd", batch_size=b, guidance_scale=5.0, steps=4)
-    pipe.unet = torch.compile(pipe.unet, backend="eager")
+    if in_place:
+        unet.compile(backend="eager")
+    else:
+        pipe.unet = torch.compile(unet, backend="eager")
+    compiled_call = vars(pipe.unet).get("_compiled_call_impl")
     counters.clear()
     try:
         rows, graphs = set(), []
@@ -233,8 +240,9 @@ def test_compiled_denoiser_does_not_recompile_when_rows_change() -> None:
             rows.add(run.stats.rows)
         assert graphs == [1] * len(runs), graphs
         assert len(rows) >= 4  # the calls really changed their row counts
+        assert vars(pipe.unet).get("_compiled_call_impl") is compiled_call and "forward" not in vars(unet)
     finally:
-        pipe.unet = pipe.unet._orig_mod
+        pipe.unet, unet._compiled_call_impl = unet, None
         torch._dynamo.reset()
 
 

@@ -242,6 +242,13 @@ def _check_call(pipe: DiffusionPipeline, family: Family, guidance: Guidance,
     return batched
 
 
+def _entry(denoiser: torch.nn.Module) -> str:
+    """The attribute through which a call of ``denoiser`` reaches its network, which the guided call stands in for:
+    ``forward``; for a module compiled in place (``module.compile()``), its compiled call, so that the proxy runs
+    outside the compiled region and hands each forward to it (a stand-in ``forward`` would be traced into it)."""
+    return "_compiled_call_impl" if denoiser.__dict__.get("_compiled_call_impl") is not None else "forward"
+
+
 @contextmanager
 def _serving(pipe: DiffusionPipeline, denoisers: dict[str, torch.nn.Module]) -> Iterator[None]:
     """Hold ``denoisers`` (by the pipeline's attribute names) for one guided call of ``pipe``; one that another guided
@@ -271,20 +278,21 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, args: tuple, kwarg
     experts = {name: getattr(pipe, name, None) for name in family.experts}
     with _serving(pipe, {family.denoiser: denoiser, **{k: v for k, v in experts.items() if v is not None}}):
         scale = family.weight(arguments.get(family.scale_arg)) or 1.0
-        proxy = GuidedDenoiser(denoiser.forward, guidance, family, pipe.scheduler, batched, scale,
+        proxy = GuidedDenoiser(getattr(denoiser, _entry(denoiser)), guidance, family, pipe.scheduler, batched, scale,
                                compiled=is_compiled(denoiser))
         stand_ins = {denoiser: proxy}
         for expert, scale_arg in zip(experts.values(), family.expert_scale_args, strict=True):
             if expert is not None:
                 expert_scale = arguments.get(scale_arg)
-                stand_ins[expert] = proxy.expert(expert.forward, scale if expert_scale is None else float(expert_scale))
+                stand_ins[expert] = proxy.expert(getattr(expert, _entry(expert)),
+                                                 scale if expert_scale is None else float(expert_scale))
         # Where diffusers' cache hooks are on, the pipeline's cache context is recorded for the proxy's forwards.
         proxy.cache_contexts = [module.cache_context if getattr(module, "is_cache_enabled", False) else None
                                 for module in stand_ins]
         saved = {(module, name): module.__dict__.get(name) for module in stand_ins
-                 for name in ("forward", "cache_context")}
+                 for name in (_entry(module), "cache_context")}
         for (module, stand_in), opener in zip(stand_ins.items(), proxy.cache_contexts, strict=True):
-            module.forward = stand_in
+            setattr(module, _entry(module), stand_in)
             if opener is not None:
                 module.cache_context = proxy.recording_cache_context(opener)
         proxy.shared, proxy.own = _perturbed_passes(guidance)
