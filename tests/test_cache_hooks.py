@@ -54,20 +54,47 @@ def cached(pipe: Any, threshold: float) -> Iterator[None]:
         pipe.transformer.disable_cache()
 
 
+@contextmanager
+def contexts_seen(pipe: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str | None, set[int]]]:
+    """Per cache context the pipeline's or guidekit's forwards ran in, the numbers of rows its first block saw."""
+    transformer = pipe.transformer
+    opened: list[str | None] = [None]
+    seen: dict[str | None, set[int]] = {}
+    cache_context = type(transformer).cache_context
+
+    @contextmanager
+    def spy(self: Any, name: str, **fields: Any) -> Iterator[None]:
+        opened[0] = name
+        with cache_context(self, name, **fields):
+            yield
+
+    def record(module: Any, args: tuple, kwargs: dict) -> None:
+        seen.setdefault(opened[0], set()).add((args[0] if args else kwargs["hidden_states"]).shape[0])
+
+    monkeypatch.setattr(type(transformer), "cache_context", spy)
+    blocks = getattr(transformer, "transformer_blocks", None) or transformer.blocks
+    handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
 def _call(family: str) -> dict[str, Any]:
     if family == "flux":
         return {"true_cfg_scale": 5.0, "negative_prompt": "blurry"}
     return {"guidance_scale": 5.0}
 
 
-def test_a_skipped_layer_forward_does_not_reuse_the_prompts_cache() -> None:
+def test_a_skipped_layer_forward_does_not_reuse_the_prompts_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     pipe = pipeline("wan")
     guidance = CFG(5.0) + STG(2.0, layers=1)
     expected, _ = guided_latents(pipe, "wan", guidance, steps=STEPS, batch_size=2, **_call("wan"))
-    with cached(pipe, 0.0):
+    with contexts_seen(pipe, monkeypatch) as contexts, cached(pipe, 0.0):
         ours, stats = guided_latents(pipe, "wan", guidance, steps=STEPS, batch_size=2, **_call("wan"))
     assert torch.equal(ours, expected)
     assert stats.computed["slg:1"] == 2 * STEPS
+    assert contexts == {"cond": {2}, "uncond": {2}, "cond, guidekit slg:1 of rows 0,1": {2}}
     assert "cache_context" not in vars(pipe.transformer)  # the pipeline's own again
     cfg, _ = guided_latents(pipe, "wan", CFG(5.0), steps=STEPS, batch_size=2, **_call("wan"))
     assert (cfg - expected).abs().max().item() > 1e-3  # what reusing the prompt's tail would give
@@ -92,34 +119,13 @@ def test_the_pipelines_own_forwards_keep_their_contexts(family: str) -> None:
 def test_rows_that_change_from_step_to_step_get_a_context_each(family: str, contexts: dict[str, set[int]],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     pipe = pipeline(family)
-    transformer = pipe.transformer
-    opened: list[str | None] = [None]
-    seen: list[tuple[str | None, int]] = []
-    cache_context = type(transformer).cache_context
-
-    @contextmanager
-    def spy(self: Any, name: str, **fields: Any) -> Iterator[None]:
-        opened[0] = name
-        with cache_context(self, name, **fields):
-            yield
-
-    monkeypatch.setattr(type(transformer), "cache_context", spy)
-    blocks = getattr(transformer, "transformer_blocks", None) or transformer.blocks
-    handle = blocks[0].register_forward_pre_hook(lambda module, args, kwargs: seen.append(
-        (opened[0], (args[0] if args else kwargs["hidden_states"]).shape[0])), with_kwargs=True)
-    try:
-        expected, _ = guided_latents(pipe, family, Alternating(5.0), steps=STEPS, batch_size=2, **_call(family))
-        seen.clear()
+    expected, _ = guided_latents(pipe, family, Alternating(5.0), steps=STEPS, batch_size=2, **_call(family))
+    with contexts_seen(pipe, monkeypatch) as rows:
         with cached(pipe, 0.0):
             ours, stats = guided_latents(pipe, family, Alternating(5.0), steps=STEPS, batch_size=2, **_call(family))
         with cached(pipe, 1e9):  # every call after a context's first reuses its tail
             reused, _ = guided_latents(pipe, family, Alternating(5.0), steps=STEPS, batch_size=2, **_call(family))
-    finally:
-        handle.remove()
     assert torch.equal(ours, expected)
     assert stats.uncond_rows_per_sample == [STEPS, STEPS // 2]
-    rows: dict[str | None, set[int]] = {}
-    for name, n in seen:
-        rows.setdefault(name, set()).add(n)
     assert rows == contexts
     assert reused.shape == expected.shape and bool(torch.isfinite(reused).all())

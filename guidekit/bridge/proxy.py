@@ -449,8 +449,8 @@ class GuidedDenoiser:
         (its output is checked against the denoiser's in :meth:`_combine`). ``rows`` names them for
         :meth:`_cache_scope`."""
         if isinstance(perturbation, SkipLayers):
-            rows = _sample_and_timestep(args, kwargs)[0].shape[0]
-            positive = torch.arange(rows) if self.nag is not None else None
+            n = _sample_and_timestep(args, kwargs)[0].shape[0]
+            positive = torch.arange(n) if self.nag is not None else None
             if self.skips_itself:
                 return _output_tensor(self._forward(*args, **kwargs, skip_layers=list(perturbation.layers),
                                                     positive=positive, rows=rows))
