@@ -250,6 +250,29 @@ def _entry(denoiser: torch.nn.Module) -> str:
 
 
 @contextmanager
+def _standing_in(proxy: GuidedDenoiser, stand_ins: dict[torch.nn.Module, Any]) -> Iterator[None]:
+    """Each denoiser's network reached through its stand-in (:func:`_entry`) for the block, and, where diffusers'
+    cache hooks are on, its ``cache_context`` recorded for the proxy's forwards; afterwards the modules' own
+    attributes, exactly."""
+    proxy.cache_contexts = [module.cache_context if getattr(module, "is_cache_enabled", False) else None
+                            for module in stand_ins]
+    names = [(module, name) for module in stand_ins for name in (_entry(module), "cache_context")]
+    saved = {(module, name): module.__dict__.get(name) for module, name in names}
+    try:
+        for (module, stand_in), opener in zip(stand_ins.items(), proxy.cache_contexts, strict=True):
+            setattr(module, _entry(module), stand_in)
+            if opener is not None:
+                module.cache_context = proxy.recording_cache_context(opener)
+        yield
+    finally:
+        for (module, name), value in saved.items():
+            if value is not None:
+                setattr(module, name, value)
+            elif name in module.__dict__:
+                delattr(module, name)
+
+
+@contextmanager
 def _serving(pipe: DiffusionPipeline, denoisers: dict[str, torch.nn.Module]) -> Iterator[None]:
     """Hold ``denoisers`` (by the pipeline's attribute names) for one guided call of ``pipe``; one that another guided
     call holds (a pipeline sharing it, in another thread) is refused before anything changes."""
@@ -286,20 +309,11 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, args: tuple, kwarg
                 expert_scale = arguments.get(scale_arg)
                 stand_ins[expert] = proxy.expert(getattr(expert, _entry(expert)),
                                                  scale if expert_scale is None else float(expert_scale))
-        # Where diffusers' cache hooks are on, the pipeline's cache context is recorded for the proxy's forwards.
-        proxy.cache_contexts = [module.cache_context if getattr(module, "is_cache_enabled", False) else None
-                                for module in stand_ins]
-        saved = {(module, name): module.__dict__.get(name) for module in stand_ins
-                 for name in (_entry(module), "cache_context")}
-        for (module, stand_in), opener in zip(stand_ins.items(), proxy.cache_contexts, strict=True):
-            setattr(module, _entry(module), stand_in)
-            if opener is not None:
-                module.cache_context = proxy.recording_cache_context(opener)
         proxy.shared, proxy.own = _perturbed_passes(guidance)
         proxy.weak_networks = _weak_networks(pipe, family)
         proxy.denoisers, proxy.skips_itself = list(stand_ins), takes_skip_layers(denoiser)
         try:
-            with ExitStack() as perturbing:
+            with _standing_in(proxy, stand_ins), ExitStack() as perturbing:
                 if proxy.shared is not None:
                     for module in stand_ins:
                         proxy.processors += perturbing.enter_context(
@@ -309,11 +323,6 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, args: tuple, kwarg
                     proxy.nag = perturbing.enter_context(nag_runner(pipe, denoiser, change, arguments))
                 output = original_call(pipe, *args, **kwargs)
         finally:
-            for (module, name), value in saved.items():
-                if value is not None:
-                    setattr(module, name, value)
-                elif name in module.__dict__:
-                    delattr(module, name)
             pipe.__dict__["guidance_stats"] = proxy.stats
     proxy.check_finite()  # no image made from a prediction that was not finite
     return output
