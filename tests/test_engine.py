@@ -209,11 +209,12 @@ def test_passes_the_bridge_cannot_evaluate_are_refused_by_name() -> None:
     assert COND not in guidekit.CFG(5.0).passes() and guidekit.CFG(1.0).passes() == frozenset()
 
 
-@pytest.mark.parametrize("in_place", [False, True], ids=["torch.compile(unet)", "unet.compile()"])
-def test_compiled_denoiser_does_not_recompile_when_rows_change(in_place: bool) -> None:
+@pytest.mark.parametrize("style", ["wrapped", "in_place", "regional"])
+def test_compiled_denoiser_does_not_recompile_when_rows_change(style: str) -> None:
     """One graph for every row count: CFG (2B rows), Interval (B rows outside it) and AdaptiveGuidance (rows drop
-    as samples switch), at batch 2 and 1, after the first pipeline call; with the UNet wrapped by ``torch.compile``
-    and compiled in place."""
+    as samples switch), at batch 2 and 1, after the first pipeline call; with the UNet wrapped by ``torch.compile``,
+    compiled in place, and with its transformer blocks compiled in place (``compile_repeated_blocks``, whose blocks
+    recompile at the first change of rows without guidekit's marks: 3 graphs over these calls)."""
     torch._dynamo.reset()
     pipe = build_tiny_pipeline("sd")
     unet = pipe.unet
@@ -224,11 +225,13 @@ def test_compiled_denoiser_does_not_recompile_when_rows_change(in_place: bool) -
     for g, b in runs:
         with guidekit.guided(pipe, g):
             eager[(g, b)] = final_latents(pipe, "sd", batch_size=b, guidance_scale=5.0, steps=4)
-    if in_place:
+    if style == "in_place":
         unet.compile(backend="eager")
+    elif style == "regional":
+        unet.compile_repeated_blocks(backend="eager")
     else:
         pipe.unet = torch.compile(unet, backend="eager")
-    compiled_call = vars(pipe.unet).get("_compiled_call_impl")
+    compiled = {m: vars(m).get("_compiled_call_impl") for m in pipe.unet.modules()}
     counters.clear()
     try:
         rows, graphs = set(), []
@@ -240,9 +243,42 @@ def test_compiled_denoiser_does_not_recompile_when_rows_change(in_place: bool) -
             rows.add(run.stats.rows)
         assert graphs == [1] * len(runs), graphs
         assert len(rows) >= 4  # the calls really changed their row counts
-        assert vars(pipe.unet).get("_compiled_call_impl") is compiled_call and "forward" not in vars(unet)
+        assert {m: vars(m).get("_compiled_call_impl") for m in pipe.unet.modules()} == compiled
+        assert "forward" not in vars(unet)
     finally:
-        pipe.unet, unet._compiled_call_impl = unet, None
+        pipe.unet = unet
+        for module in unet.modules():
+            module._compiled_call_impl = None
+        torch._dynamo.reset()
+
+
+def test_regionally_compiled_flux_keeps_its_graphs() -> None:
+    """Flux's blocks compiled in place, under CFG, Interval and CFG at batch 1: the outputs of the eager transformer
+    and no graph after the first call. Its negative prompt has one row for a batch of two (the blocks broadcast it),
+    so the blocks are compiled with the marks but not size-obliviously."""
+    torch._dynamo.reset()
+    pipe = build_tiny_pipeline("flux")
+    pipe.set_progress_bar_config(disable=True)
+    runs = [(guidekit.CFG(5.0), 2), (guidekit.Interval(guidekit.CFG(5.0), sigma_lo=0.5, sigma_hi=3.0), 2),
+            (guidekit.CFG(5.0), 1)]
+    call = {"true_cfg_scale": 5.0, "negative_prompt": "blurry", "steps": 4}
+    eager = []
+    for g, b in runs:
+        with guidekit.guided(pipe, g):
+            eager.append(final_latents(pipe, "flux", batch_size=b, **call))
+    pipe.transformer.compile_repeated_blocks(backend="eager")
+    counters.clear()
+    try:
+        graphs = []
+        for (g, b), expected in zip(runs, eager, strict=True):
+            with guidekit.guided(pipe, g):
+                out = final_latents(pipe, "flux", batch_size=b, **call)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+            graphs.append(counters["stats"]["unique_graphs"])
+        assert graphs == graphs[:1] * len(runs), graphs
+    finally:
+        for module in pipe.transformer.modules():
+            module._compiled_call_impl = None
         torch._dynamo.reset()
 
 

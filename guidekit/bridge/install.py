@@ -60,6 +60,9 @@ _SUPPORTED_PASSES = frozenset({UNCOND})
 _SERVING: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 _SERVING_LOCK = threading.Lock()
 
+#: Per denoiser, its repeated blocks (:func:`_compiled_blocks`).
+_REPEATED_BLOCKS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[torch.nn.Module, ...]] = weakref.WeakKeyDictionary()
+
 
 def brings_sampler(guidance: Guidance) -> bool:
     """Whether ``set_guidance`` swaps the pipeline's scheduler for a sampler of the guidance's own (PCG, CFG++)."""
@@ -249,20 +252,40 @@ def _entry(denoiser: torch.nn.Module) -> str:
     return "_compiled_call_impl" if denoiser.__dict__.get("_compiled_call_impl") is not None else "forward"
 
 
+def _compiled_blocks(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of ``denoiser`` (its class's ``_repeated_blocks``, which diffusers'
+    ``compile_repeated_blocks`` compiles) that are compiled in place, where the denoiser itself is not compiled. The
+    blocks are found once per denoiser; whether each is compiled is read at every call."""
+    if is_compiled(denoiser):
+        return []
+    blocks = _REPEATED_BLOCKS.get(denoiser)
+    if blocks is None:
+        names = frozenset(getattr(denoiser, "_repeated_blocks", None) or ())
+        blocks = tuple(m for m in denoiser.modules() if type(m).__name__ in names) if names else ()
+        _REPEATED_BLOCKS[denoiser] = blocks
+    return [block for block in blocks if block.__dict__.get("_compiled_call_impl") is not None]
+
+
 @contextmanager
-def _standing_in(proxy: GuidedDenoiser, stand_ins: dict[torch.nn.Module, Any]) -> Iterator[None]:
+def _standing_in(proxy: GuidedDenoiser, stand_ins: dict[torch.nn.Module, Any], blocks: list[torch.nn.Module]
+                 ) -> Iterator[None]:
     """Each denoiser's network reached through its stand-in (:func:`_entry`) for the block, and, where diffusers'
-    cache hooks are on, its ``cache_context`` recorded for the proxy's forwards; afterwards the modules' own
-    attributes, exactly."""
+    cache hooks are on, its ``cache_context`` recorded for the proxy's forwards; the compiled call of each of
+    ``blocks`` (:func:`_compiled_blocks`) through :meth:`GuidedDenoiser.compiled_block_call`. Afterwards the modules'
+    own attributes, exactly."""
     proxy.cache_contexts = [module.cache_context if getattr(module, "is_cache_enabled", False) else None
                             for module in stand_ins]
     names = [(module, name) for module in stand_ins for name in (_entry(module), "cache_context")]
-    saved = {(module, name): module.__dict__.get(name) for module, name in names}
+    saved = {(module, name): module.__dict__.get(name)
+             for module, name in [*names, *((block, "_compiled_call_impl") for block in blocks)]}
     try:
         for (module, stand_in), opener in zip(stand_ins.items(), proxy.cache_contexts, strict=True):
             setattr(module, _entry(module), stand_in)
             if opener is not None:
                 module.cache_context = proxy.recording_cache_context(opener)
+        proxy.regional = bool(blocks)
+        for block in blocks:
+            block._compiled_call_impl = proxy.compiled_block_call(block._compiled_call_impl)
         yield
     finally:
         for (module, name), value in saved.items():
@@ -301,6 +324,8 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, args: tuple, kwarg
     experts = {name: getattr(pipe, name, None) for name in family.experts}
     with _serving(pipe, {family.denoiser: denoiser, **{k: v for k, v in experts.items() if v is not None}}):
         scale = family.weight(arguments.get(family.scale_arg)) or 1.0
+        blocks = [block for module in (denoiser, *experts.values()) if module is not None
+                  for block in _compiled_blocks(module)]
         proxy = GuidedDenoiser(getattr(denoiser, _entry(denoiser)), guidance, family, pipe.scheduler, batched, scale,
                                compiled=is_compiled(denoiser))
         stand_ins = {denoiser: proxy}
@@ -313,7 +338,7 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, args: tuple, kwarg
         proxy.weak_networks = _weak_networks(pipe, family)
         proxy.denoisers, proxy.skips_itself = list(stand_ins), takes_skip_layers(denoiser)
         try:
-            with _standing_in(proxy, stand_ins), ExitStack() as perturbing:
+            with _standing_in(proxy, stand_ins, blocks), ExitStack() as perturbing:
                 if proxy.shared is not None:
                     for module in stand_ins:
                         proxy.processors += perturbing.enter_context(

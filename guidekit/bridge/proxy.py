@@ -12,7 +12,8 @@ When the denoiser is compiled, every forward is handed to it with the batch dime
 dynamic and compiled size-obliviously (see :func:`mark_batch_dynamic`), so one graph serves every number of rows
 and a change of the number does not recompile. Inductor still specialises on a batch of one row (its convolution
 layouts and reshapes guard on it), so a forward of one row runs that row twice and keeps the first output: the graph
-of two or more rows serves it (docs/benchmarks.md).
+of two or more rows serves it (docs/benchmarks.md). Where only the denoiser's repeated blocks are compiled
+(``compile_repeated_blocks``), their inputs are marked the same way (:meth:`GuidedDenoiser.compiled_block_call`).
 
 Where diffusers' cache hooks are on, a forward of the pipeline's own rows runs in the cache context the pipeline
 opened, and every other forward in one of its own, named after its rows (:meth:`GuidedDenoiser._cache_scope`).
@@ -231,6 +232,10 @@ class GuidedDenoiser:
         #: and fields.
         self.cache_contexts: list[Callable[..., AbstractContextManager[Any]] | None] = []
         self._cache_context: tuple[str, dict[str, Any]] | None = None
+        #: Whether blocks of the denoiser are compiled in place (set by the bridge; :meth:`compiled_block_call`), and
+        #: the rows of the forward being made.
+        self.regional = False
+        self._rows_now = 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.call(0, args, kwargs)
@@ -331,6 +336,19 @@ class GuidedDenoiser:
                 self._cache_context = None
 
         return cache_context
+
+    def compiled_block_call(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        """A stand-in for the compiled call of a block compiled in place inside the denoiser (regional compilation:
+        ``compile_repeated_blocks``), whose inputs the proxy does not hand over itself: it marks the batch dimension
+        of those with the forward's rows dynamic (:func:`mark_batch_dynamic`), so that the block keeps one graph while
+        the rows change. Not size-obliviously: a block's input of one row may broadcast against the others (Flux's
+        negative prompt of one row for a batch of two); a forward of one row is handed over twice, as to a compiled
+        denoiser (:meth:`_network`)."""
+        def call(*args: Any, **kwargs: Any) -> Any:
+            mark_batch_dynamic((args, kwargs), self._rows_now)
+            return original(*args, **kwargs)
+
+        return call
 
     def _cache_scope(self, rows: str | None) -> AbstractContextManager[Any]:
         """The cache context a forward runs in where diffusers' cache hooks are on (they keep their state per context
@@ -620,16 +638,17 @@ class GuidedDenoiser:
                 processor.perturbed_rows = 0
 
     def _network(self, args: tuple, kwargs: dict) -> Any:
-        """The network's own forward (with dynamic batch marks when compiled)."""
+        """The network's own forward (with dynamic batch marks when it or its blocks are compiled)."""
         forward = self.forwards[self._expert]
-        if not self.compiled:
+        if not self.compiled and not self.regional:
             return forward(*args, **kwargs)
         sample, _ = _sample_and_timestep(args, kwargs)
         single = sample.shape[0] == 1 and not self.family.list_rows
         if single:  # inductor specialises its graphs on a batch of 1: hand it the row twice, keep the first output
             args, kwargs = _take((args, kwargs), torch.zeros(2, dtype=torch.long), 1)
-        mark_batch_dynamic((args, kwargs), sample.shape[0] * (1 + single))
-        with _size_oblivious():
+        self._rows_now = sample.shape[0] * (1 + single)
+        mark_batch_dynamic((args, kwargs), self._rows_now)
+        with _size_oblivious() if self.compiled else _NO_SCOPE:
             result = forward(*args, **kwargs)
         return _with_output(result, _output_tensor(result)[:1]) if single else result
 
