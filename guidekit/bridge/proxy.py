@@ -350,7 +350,7 @@ class GuidedDenoiser:
 
         return call
 
-    def _cache_scope(self, rows: str | None) -> AbstractContextManager[Any]:
+    def _cache_scope(self, rows: _Rows | None) -> AbstractContextManager[Any]:
         """The cache context a forward runs in where diffusers' cache hooks are on (they keep their state per context
         name, and compare and reuse it from call to call): the pipeline's own for a forward of the pipeline's rows
         (``rows`` None), else one named after the pipeline's and ``rows``, which says which rows the forward
@@ -359,7 +359,7 @@ class GuidedDenoiser:
         if opener is None or self._cache_context is None:
             return _NO_SCOPE
         name, fields = self._cache_context
-        return opener(name if rows is None else f"{name}, guidekit {rows}", **fields)
+        return opener(name if rows is None else f"{name}, guidekit {rows.name()}", **fields)
 
     def _grid(self, kwargs: dict) -> tuple[int, int] | None:
         """The unpacked latent's ``(height, width)`` for a denoiser of packed 2 x 2 tokens, from their positions."""
@@ -457,10 +457,10 @@ class GuidedDenoiser:
                 index = mask.nonzero().flatten() + first_cond
                 p_args, p_kwargs = self._select(args, kwargs, index, n)
                 done[p] = self._perturbed_forward(p.perturbation, p_args, p_kwargs,  # type: ignore[arg-type]
-                                                  f"{p.name} of rows {_listed(index)}")
+                                                  _Rows(index, p.name))
         return done
 
-    def _perturbed_forward(self, perturbation: SkipLayers | OtherDenoiser, args: tuple, kwargs: dict, rows: str
+    def _perturbed_forward(self, perturbation: SkipLayers | OtherDenoiser, args: tuple, kwargs: dict, rows: _Rows
                            ) -> torch.Tensor:
         """The perturbed rows' prediction from a forward of their own: the denoiser with ``skip_layers`` (or, where
         its forward takes none, with the blocks skipped by hooks), or the other network called with the same inputs
@@ -510,8 +510,7 @@ class GuidedDenoiser:
             positive = torch.cat([torch.arange(first_cond, first_cond + b),
                                   torch.arange(b + n_guided, b + n_guided + n_perturbed)])
         whole = isinstance(index, slice) and index.stop - index.start == n  # not batched: the pipeline's own rows
-        rows = None if whole else f"rows {_listed(index)}" + (f", the last {n_perturbed} perturbed" if n_perturbed
-                                                               else "")
+        rows = None if whole else _Rows(index, perturbed=n_perturbed)
         result = self._forward(*sub_args, **sub_kwargs, perturbed_rows=n_perturbed, positive=positive, rows=rows)
         out = _output_tensor(result)
         main = out[:len(out) - n_perturbed]
@@ -551,7 +550,7 @@ class GuidedDenoiser:
         elif n_guided:
             index = guided.nonzero().flatten()
             sub_args, sub_kwargs = self._select(args, kwargs, index, b)
-            uncond = _output_tensor(self._forward(*sub_args, **sub_kwargs, rows=f"rows {_listed(index)}"))
+            uncond = _output_tensor(self._forward(*sub_args, **sub_kwargs, rows=_Rows(index)))
         else:
             uncond = cond[:0]
         pred = self._full(self._combine(ctx, cond, {UNCOND: uncond, **done}, masks), cond)
@@ -619,7 +618,7 @@ class GuidedDenoiser:
                          f"(sigma {sigma:.4g}); expected finite values: {advice}")
 
     def _forward(self, *args: Any, perturbed_rows: int = 0, positive: torch.Tensor | None = None,
-                 rows: str | None = None, **kwargs: Any) -> Any:
+                 rows: _Rows | None = None, **kwargs: Any) -> Any:
         """One forward of the network; its last ``perturbed_rows`` rows run with the perturbed pass's change, and
         the rows at ``positive`` (those conditioned on the prompt) with NAG's, if it is set. ``rows`` names the rows
         of a forward that are not the pipeline's own (:meth:`_cache_scope`)."""
@@ -678,10 +677,21 @@ class GuidedDenoiser:
             s.uncond_rows_per_sample = [n + g for n, g in zip(s.uncond_rows_per_sample, guided, strict=True)]
 
 
-def _listed(index: slice | torch.Tensor) -> str:
-    """The rows at ``index``, as a text: ``0,2,3``."""
-    rows = range(index.start, index.stop) if isinstance(index, slice) else index.tolist()
-    return ",".join(map(str, rows))
+class _Rows(NamedTuple):
+    """The rows of a forward that are not the pipeline's own: ``index`` into the pipeline's call, and the pass they
+    run (``None``: the main forward, whose last ``perturbed`` rows run the shared perturbed pass). Named for a cache
+    context (:meth:`GuidedDenoiser._cache_scope`) only where a cache is on."""
+
+    index: slice | torch.Tensor
+    pass_name: str | None = None
+    perturbed: int = 0
+
+    def name(self) -> str:
+        """``rows 0,2,3``, ``slg:1 of rows 0,1`` or ``rows 0,1,1, the last 1 perturbed``."""
+        index = self.index
+        listed = ",".join(map(str, range(index.start, index.stop) if isinstance(index, slice) else index.tolist()))
+        rows = f"rows {listed}" if self.pass_name is None else f"{self.pass_name} of rows {listed}"
+        return f"{rows}, the last {self.perturbed} perturbed" if self.perturbed else rows
 
 
 def _take_list(value: list, index: slice | torch.Tensor) -> list:
