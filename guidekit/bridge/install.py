@@ -321,17 +321,17 @@ def _guided_call(pipe: DiffusionPipeline, original_call: Any, args: tuple, kwarg
     guidance: Guidance = pipe.__dict__["_guidekit_guidance"]
     batched = _check_call(pipe, family, guidance, arguments)
     denoiser = getattr(pipe, family.denoiser)
-    experts = {name: getattr(pipe, name, None) for name in family.experts}
-    with _serving(pipe, {family.denoiser: denoiser, **{k: v for k, v in experts.items() if v is not None}}):
+    present = {name: module for name in (family.denoiser, *family.experts)
+               if (module := getattr(pipe, name, None)) is not None}
+    with _serving(pipe, present):
         scale = family.weight(arguments.get(family.scale_arg)) or 1.0
-        blocks = [block for module in (denoiser, *experts.values()) if module is not None
-                  for block in _compiled_blocks(module)]
+        blocks = [block for module in present.values() for block in _compiled_blocks(module)]
         proxy = GuidedDenoiser(getattr(denoiser, _entry(denoiser)), guidance, family, pipe.scheduler, batched, scale,
                                compiled=is_compiled(denoiser))
         stand_ins = {denoiser: proxy}
-        for expert, scale_arg in zip(experts.values(), family.expert_scale_args, strict=True):
-            if expert is not None:
-                expert_scale = arguments.get(scale_arg)
+        for name, scale_arg in zip(family.experts, family.expert_scale_args, strict=True):
+            if name in present:
+                expert, expert_scale = present[name], arguments.get(scale_arg)
                 stand_ins[expert] = proxy.expert(getattr(expert, _entry(expert)),
                                                  scale if expert_scale is None else float(expert_scale))
         proxy.shared, proxy.own = _perturbed_passes(guidance)
